@@ -1,0 +1,48 @@
+# Entry point: `snakemake -c 2 reports/<paper>.md` trains the runs a paper's report needs and writes the report.
+# Scale and other settings: config/config.yaml, overridable with --config (e.g. --config scale=smoke).
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("8.10")
+
+BASE = Path(workflow.basedir)
+sys.path.insert(0, str(BASE))
+
+configfile: BASE / "config" / "config.yaml"
+
+validate(config, BASE / "config" / "schema.yaml")
+
+from common.errors import SuiteError
+from common.experiments import known_papers, paper_runs
+from common.data import missing_files
+
+SCALE = config["scale"]
+SEEDS = config.get("seeds")
+PAPERS = known_papers()
+PYTHON = f"PYTHONPATH={BASE} {sys.executable}"
+
+
+def runs_of(paper):
+    """Run id -> resolved spec for one paper at the configured scale."""
+    try:
+        return paper_runs(paper, SCALE, SEEDS)
+    except SuiteError as e:
+        raise WorkflowError(str(e)) from None
+
+
+RUNS = {rid: spec for paper in PAPERS for rid, spec in runs_of(paper).items()}
+
+wildcard_constraints:
+    run="[0-9a-f]{12}",
+
+
+include: "workflow/rules/runs.smk"
+include: "workflow/rules/reports.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        expand("reports/{paper}.md", paper=PAPERS),

@@ -1,0 +1,156 @@
+"""From a paper's `paper.yaml` to the runs it needs.
+
+A table cell is described in the paper's own terms (`set:` with the paper's values, e.g. local_epochs: 40).
+A scale turns that into a concrete run: it supplies the base spec, translates paper values to the values used
+at this scale (`translate:`; null = not run at this scale) and overrides method hyper-parameters. Each resolved
+spec plus a seed is one run, named by the hash of its spec (`common.results.run_id`).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from common.errors import SuiteError
+from common.results import run_id
+
+REPO = Path(__file__).resolve().parent.parent
+PAPERS_DIR = REPO / "papers"
+SCHEMA_DIR = REPO / "config"
+EVAL_KEYS = ("target",)  # cell keys that parameterise the metric, not the run
+
+
+def known_papers() -> list[str]:
+    return sorted(p.parent.name for p in PAPERS_DIR.glob("*/paper.yaml"))
+
+
+def load_yaml(path: Path, schema: str | None = None) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SuiteError(f"file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise SuiteError(f"malformed YAML in {path}: {e}") from None
+    if schema:
+        validate(data, schema, path)
+    return data
+
+
+def validate(data, schema: str, where) -> None:
+    sch = yaml.safe_load((SCHEMA_DIR / schema).read_text())
+    errors = sorted(jsonschema.Draft202012Validator(sch).iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        loc = "/".join(str(p) for p in e.path) or "(top level)"
+        raise SuiteError(f"{where}: invalid value at '{loc}': {e.message}")
+
+
+@lru_cache(maxsize=None)
+def load_paper(paper: str) -> dict:
+    if paper not in known_papers():
+        raise SuiteError(f"unknown paper '{paper}'; known papers: {', '.join(known_papers())}")
+    data = load_yaml(PAPERS_DIR / paper / "paper.yaml", "paper.schema.yaml")
+    _check_tables(paper, data)
+    return data
+
+
+def _check_tables(paper: str, data: dict) -> None:
+    for tname, t in data["tables"].items():
+        if len(t["paper"]) != len(t["rows"]) or any(len(r) != len(t["columns"]) for r in t["paper"]):
+            raise SuiteError(f"papers/{paper}/paper.yaml: table '{tname}' paper values must be "
+                             f"{len(t['rows'])} rows x {len(t['columns'])} columns")
+        for cell in (*t["rows"], *t["columns"]):
+            m = cell.get("set", {}).get("method")
+            if m is not None and m not in data["methods"]:
+                raise SuiteError(f"papers/{paper}/paper.yaml: table '{tname}' uses method '{m}' "
+                                 f"not defined under 'methods' ({', '.join(data['methods'])})")
+
+
+@dataclass(frozen=True)
+class Cell:
+    table: str
+    row: int
+    col: int
+    specs: tuple  # resolved spec per seed; empty when not run at this scale
+    eval_args: tuple  # ((key, value), ...) for the metric
+    skipped: str = ""  # why the cell is not run at this scale
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [run_id(s) for s in self.specs]
+
+    @property
+    def eval(self) -> dict:
+        return dict(self.eval_args)
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    *path, last = key.split(".")
+    for p in path:
+        d = d.setdefault(p, {})
+    d[last] = value
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def scale_config(paper: dict, scale: str) -> dict:
+    if scale not in paper["scales"]:
+        raise SuiteError(f"paper '{paper['id']}' has no scale '{scale}'; it defines {', '.join(paper['scales'])}")
+    return paper["scales"][scale]
+
+
+def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds: list[int] | None = None) -> Cell:
+    t = paper["tables"][table]
+    sc = scale_config(paper, scale)
+    settings = {**t.get("set", {}), **t["columns"][col].get("set", {}), **t["rows"][row].get("set", {})}
+    translate = sc.get("translate", {})
+    for key, value in list(settings.items()):
+        mapping = translate.get(key, {})
+        if value in mapping:
+            if mapping[value] is None:
+                return Cell(table, row, col, (), (), skipped=f"{key}={value} has no analog at scale '{scale}'")
+            settings[key] = mapping[value]
+    spec = copy.deepcopy(sc["base"])
+    label = settings.pop("method")
+    spec["method"] = _deep_merge(paper["methods"][label], sc.get("methods", {}).get(label, {}))
+    eval_args = {k: settings.pop(k) for k in EVAL_KEYS if k in settings}
+    for key, value in settings.items():
+        if key.startswith("method."):
+            # a method hyper-parameter given per cell applies to the methods that have it
+            if key.split(".", 1)[1] not in spec["method"]:
+                continue
+            if value is None:
+                return Cell(table, row, col, (), (), skipped=f"{key} has no analog at scale '{scale}'")
+        _set_dotted(spec, key, value)
+    validate({**spec, "seed": 0}, "run.schema.yaml", f"papers/{paper['id']}/paper.yaml (table {table}, "
+             f"row '{t['rows'][row]['label']}', column '{t['columns'][col]['label']}', scale {scale})")
+    seeds = sc["seeds"] if seeds is None else seeds
+    specs = tuple({**spec, "seed": int(s)} for s in seeds)
+    return Cell(table, row, col, specs, tuple(sorted(eval_args.items())))
+
+
+def table_cells(paper: dict, table: str, scale: str, seeds=None) -> list[list[Cell]]:
+    t = paper["tables"][table]
+    return [[resolve_cell(paper, table, r, c, scale, seeds) for c in range(len(t["columns"]))]
+            for r in range(len(t["rows"]))]
+
+
+def paper_runs(paper_name: str, scale: str, seeds=None) -> dict[str, dict]:
+    """All runs (run id -> spec) a paper's report needs at `scale`."""
+    paper = load_paper(paper_name)
+    runs = {}
+    for table in paper["tables"]:
+        for cell in itertools.chain.from_iterable(table_cells(paper, table, scale, seeds)):
+            for spec in cell.specs:
+                runs[run_id(spec)] = spec
+    return runs

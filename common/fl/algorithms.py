@@ -1,0 +1,141 @@
+"""Federated algorithms as hooks into the one loop in `engine.py`.
+
+An algorithm supplies (a) the client's local objective and (b) the server update. The base class is FedAvg:
+clients minimise cross-entropy with SGD; the server treats the averaged client change as a pseudo-gradient and
+steps a torch optimiser on the global weights. FedAvg is that step with SGD(lr=1), FedAvgM adds server momentum,
+FedProx adds a proximal term to the local objective. Papers register their own algorithms with
+`@register_algorithm("name")` in `papers/<paper>/method.py`.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from common.errors import SuiteError
+
+if TYPE_CHECKING:
+    from common.fl.engine import RunContext
+
+State = dict[str, torch.Tensor]
+
+ALGORITHMS: dict[str, type["Algorithm"]] = {}
+
+
+def register_algorithm(name: str):
+    def deco(cls):
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+    return deco
+
+
+def get_algorithm(spec: dict) -> "Algorithm":
+    """Instantiate the algorithm named by `spec['name']` with the remaining keys as its hyper-parameters."""
+    name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
+    if name not in ALGORITHMS:
+        _import_paper_methods()
+    if name not in ALGORITHMS:
+        raise SuiteError(f"unknown method '{name}'; known methods: {', '.join(sorted(ALGORITHMS))}")
+    cls = ALGORITHMS[name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = set(params) - accepted
+    if unknown:
+        raise SuiteError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; "
+                         f"it accepts {', '.join(sorted(accepted)) or 'none'}")
+    return cls(**params)
+
+
+def _import_paper_methods() -> None:
+    import papers
+    for mod in pkgutil.iter_modules(papers.__path__):
+        if importlib.util.find_spec(f"papers.{mod.name}.method"):
+            importlib.import_module(f"papers.{mod.name}.method")
+
+
+def weighted_mean(states: list[State], weights: list[float]) -> State:
+    """Sample-weighted average of client states; integer buffers (BN batch counters) are taken from client 0."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = (w / w.sum()).tolist()
+    out = {}
+    for key, ref in states[0].items():
+        if ref.is_floating_point():
+            acc = torch.zeros_like(ref, dtype=torch.float64)
+            for s, wi in zip(states, w):
+                acc += wi * s[key].double()
+            out[key] = acc.to(ref.dtype)
+        else:
+            out[key] = ref.clone()
+    return out
+
+
+@register_algorithm("fedavg")
+class Algorithm:
+    """FedAvg (McMahan et al. 2017) with an optional server optimiser on the pseudo-gradient."""
+    name = "fedavg"
+
+    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.0):
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+
+    # --- set-up ------------------------------------------------------------------------------------------------
+    def setup(self, ctx: "RunContext") -> None:
+        """Called once before round 0 with the run's model, data and settings."""
+        self.ctx = ctx
+        self.param_names = [n for n, _ in ctx.model.named_parameters()]
+        self.server_params = [p.detach().clone().requires_grad_(True) for p in ctx.model.parameters()]
+        self.server_opt = self.make_server_optimizer(self.server_params)
+
+    def make_server_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.server_lr, momentum=self.server_momentum)
+
+    # --- client side -------------------------------------------------------------------------------------------
+    def begin_client(self, model: torch.nn.Module, global_state: State, client: int) -> None:
+        """Called after the client's model was loaded with the global state, before local training."""
+
+    def local_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    # --- server side -------------------------------------------------------------------------------------------
+    def server_update(self, global_state: State, client_states: list[State], weights: list[float],
+                      round_index: int) -> State:
+        """New global state from the sampled clients' states: one server-optimiser step on x_t - mean(x_i)."""
+        avg = weighted_mean(client_states, weights)
+        new = dict(avg)  # buffers (BN statistics) are averaged directly
+        with torch.no_grad():
+            for name, p in zip(self.param_names, self.server_params):
+                # the global model may have been changed after the last step (e.g. by FedDF's distillation)
+                p.copy_(global_state[name])
+                p.grad = (global_state[name] - avg[name]).to(p.dtype)
+        self.server_opt.step()
+        for name, p in zip(self.param_names, self.server_params):
+            new[name] = p.detach().clone()
+        return new
+
+
+@register_algorithm("fedavgm")
+class FedAvgM(Algorithm):
+    """FedAvg with server momentum (Hsu et al. 2019): v <- beta v + Delta; x <- x - server_lr v."""
+
+    def __init__(self, beta: float = 0.9, server_lr: float = 1.0):
+        super().__init__(server_lr=server_lr, server_momentum=beta)
+
+
+@register_algorithm("fedprox")
+class FedProx(Algorithm):
+    """FedProx (Li et al. 2020): local objective + mu/2 ||w - w_global||^2."""
+
+    def __init__(self, mu: float = 0.01, server_lr: float = 1.0):
+        super().__init__(server_lr=server_lr)
+        self.mu = mu
+
+    def begin_client(self, model, global_state, client):
+        self.anchor = [p.detach().clone() for p in model.parameters()]
+
+    def local_loss(self, model, x, y):
+        prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), self.anchor))
+        return super().local_loss(model, x, y) + 0.5 * self.mu * prox

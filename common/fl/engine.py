@@ -1,0 +1,148 @@
+"""The federated training loop shared by every algorithm.
+
+Clients are index sets into one in-memory training tensor, so no per-client datasets, loaders or model copies
+exist: one model object is loaded with the global state, trained on the client's slice, and its state kept.
+Every random choice (initialisation, client sampling, batch order) is derived from the run's seed and the
+(round, client) it belongs to, so a run is bit-for-bit repeatable on the CPU.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.data import Dataset
+from common.fl.algorithms import Algorithm, State
+
+
+@dataclass
+class RunContext:
+    """What an algorithm may use: the run's spec, data, model factory and device."""
+    spec: dict
+    data: Dataset
+    parts: list[torch.Tensor]
+    model: torch.nn.Module
+    make_model: callable
+    device: torch.device
+    data_root: str
+    history: "History | None" = None
+
+
+@dataclass
+class History:
+    rounds: list[int] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    extra: dict[str, list] = field(default_factory=dict)
+    status: str = "completed"
+
+    def log(self, key: str, value) -> None:
+        self.extra.setdefault(key, []).append(value)
+
+
+def sub_seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer keys (seed, round, client, ...), independent of call order."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` in eval mode."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), batch_size):
+        out = model(x[i:i + batch_size])
+        loss += F.cross_entropy(out, y[i:i + batch_size], reduction="sum").item()
+        correct += (out.argmax(1) == y[i:i + batch_size]).sum().item()
+    return correct / len(y), loss / len(y)
+
+
+def clone_state(model: torch.nn.Module) -> State:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class FederatedRun:
+    """One federated training run: `FederatedRun(ctx, algorithm).train()` returns its `History`."""
+
+    def __init__(self, ctx: RunContext, algorithm: Algorithm):
+        self.ctx, self.algo = ctx, algorithm
+        t = ctx.spec["training"]
+        self.rounds, self.fraction = t["rounds"], t["client_fraction"]
+        self.epochs, self.batch_size, self.lr = t["local_epochs"], t["batch_size"], t["lr"]
+        self.momentum, self.weight_decay = t.get("momentum", 0.0), t.get("weight_decay", 0.0)
+        self.seed = ctx.spec["seed"]
+        dev = ctx.device
+        self.x, self.y = ctx.data.train.x.to(dev), ctx.data.train.y.to(dev)
+        self.x_test, self.y_test = ctx.data.test.x.to(dev), ctx.data.test.y.to(dev)
+
+    def sample_clients(self, round_index: int) -> list[int]:
+        n = len(self.ctx.parts)
+        m = max(1, int(round(self.fraction * n)))
+        rng = np.random.default_rng(sub_seed(self.seed, round_index, 0xC11E))
+        return sorted(rng.choice(n, size=m, replace=False).tolist())
+
+    def local_train(self, client: int, round_index: int) -> float:
+        """Local SGD on one client's data; returns the mean training loss (nan/inf if it diverged)."""
+        model, algo = self.ctx.model, self.algo
+        idx = self.ctx.parts[client].to(self.ctx.device)
+        x, y = self.x[idx], self.y[idx]
+        gen = torch.Generator().manual_seed(sub_seed(self.seed, round_index, client))
+        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        model.train()
+        total, steps = 0.0, 0
+        for _ in range(self.epochs):
+            perm = torch.randperm(len(y), generator=gen).to(self.ctx.device)
+            for i in range(0, len(y), self.batch_size):
+                b = perm[i:i + self.batch_size]
+                loss = algo.local_loss(model, x[b], y[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item()
+                steps += 1
+                if not math.isfinite(total):
+                    return total
+        return total / max(steps, 1)
+
+    def train(self, progress: bool = True, on_round=None) -> History:
+        ctx, algo, hist = self.ctx, self.algo, History()
+        ctx.history = hist
+        algo.setup(ctx)
+        global_state = clone_state(ctx.model)
+        bar = tqdm(range(self.rounds), desc=f"{ctx.spec['method']['name']}", unit="round",
+                   disable=not progress, leave=False)
+        for r in bar:
+            started = time.perf_counter()
+            sampled = self.sample_clients(r)
+            states, weights, losses = [], [], []
+            for k in sampled:
+                ctx.model.load_state_dict(global_state)
+                algo.begin_client(ctx.model, global_state, k)
+                losses.append(self.local_train(k, r))
+                states.append(clone_state(ctx.model))
+                weights.append(len(ctx.parts[k]))
+            train_loss = float(np.mean(losses))
+            if not math.isfinite(train_loss):
+                hist.status = "diverged"
+                break
+            global_state = algo.server_update(global_state, states, weights, r)
+            ctx.model.load_state_dict(global_state)
+            acc, test_loss = evaluate(ctx.model, self.x_test, self.y_test)
+            if not math.isfinite(test_loss):
+                hist.status = "diverged"
+                break
+            hist.rounds.append(r + 1)
+            hist.test_accuracy.append(acc)
+            hist.test_loss.append(test_loss)
+            hist.train_loss.append(train_loss)
+            hist.log("round_seconds", time.perf_counter() - started)
+            bar.set_postfix(acc=f"{acc:.3f}")
+            if on_round:
+                on_round(r, hist)
+        return hist

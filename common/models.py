@@ -1,0 +1,88 @@
+"""Model zoo shared by all papers. Every model splits into `features` (penultimate representation) and `head`
+(the linear classifier), which representation-level methods (MOON, CCVR, FedDF's fusion) rely on."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.errors import SuiteError
+
+
+def norm_layer(kind: str, channels: int, groups: int = 2) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        return nn.GroupNorm(groups, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise SuiteError(f"unknown norm '{kind}'; use bn, gn or none")
+
+
+class Classifier(nn.Module):
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.feature_dim = feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.n1 = norm_layer(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.n2 = norm_layer(norm, cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout))
+
+    def forward(self, x):
+        out = torch.relu(self.n1(self.conv1(x)))
+        return torch.relu(self.n2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(depth: int, in_channels: int, num_classes: int, norm: str = "bn", width: int = 16) -> Classifier:
+    """CIFAR-style ResNet (He et al. 2016, Sec. 4.2): depth = 6n + 2, three stages of n basic blocks."""
+    if (depth - 2) % 6:
+        raise SuiteError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), norm_layer(norm, width), nn.ReLU()]
+    cin = width
+    for stage, cout in enumerate((width, 2 * width, 4 * width)):
+        for b in range(n):
+            layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1, norm))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return Classifier(nn.Sequential(*layers), cin, num_classes)
+
+
+def cnn(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[int, int] = (8, 16),
+        input_size: int = 28) -> Classifier:
+    """Small two-conv CNN (5x5 conv, norm, ReLU, 2x2 max-pool, twice): cheap enough for laptop-CPU federated runs."""
+    c1, c2 = channels
+    side = ((input_size - 4) // 2 - 4) // 2
+    feats = nn.Sequential(
+        nn.Conv2d(in_channels, c1, 5), norm_layer(norm, c1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5), norm_layer(norm, c2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    return Classifier(feats, c2 * side * side, num_classes)
+
+
+MODELS = {
+    "resnet8": lambda **kw: resnet(8, **kw),
+    "resnet20": lambda **kw: resnet(20, **kw),
+    "cnn": cnn,
+}
+
+
+def build_model(name: str, in_channels: int, num_classes: int, input_size: int, **params) -> Classifier:
+    if name not in MODELS:
+        raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
+    if name == "cnn":
+        params = {"input_size": input_size, **params}
+    if "channels" in params:
+        params["channels"] = tuple(params["channels"])
+    return MODELS[name](in_channels=in_channels, num_classes=num_classes, **params)

@@ -1,0 +1,261 @@
+"""Build `reports/<paper>.md` from paper.yaml and the run results.
+
+    python -m common.report.build feddf --scale mini --results results/runs --out reports/feddf.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common.errors import SuiteError
+from common.experiments import load_paper, scale_config, table_cells
+from common.report.claims import check_claim
+from common.report.metrics import CellValue, cell_value, paper_value, within_tolerance
+from common.report.plots import accuracy_per_round
+from common.results import git_commit, write_text_atomic
+
+SCALE_NOTE = {
+    "paper": "This report ran the paper's setting: each cell is compared with the paper's value within the "
+             "table's stated tolerance.",
+    "mini": "This report ran the **mini** scale, an offline analog of the paper's setting on a laptop CPU. Absolute "
+            "numbers are not comparable with the paper's; only the paper's claims are checked, on our numbers.",
+    "smoke": "This report ran the **smoke** scale, which exercises the pipeline in seconds. Its numbers check that "
+             "the code runs and is deterministic; they say nothing about the paper's claims.",
+}
+
+
+def load_results(run_ids, results_dir: Path) -> dict[str, dict]:
+    out, missing = {}, []
+    for rid in run_ids:
+        path = results_dir / f"{rid}.json"
+        if not path.is_file():
+            missing.append(str(path))
+            continue
+        out[rid] = json.loads(path.read_text())
+    if missing:
+        raise SuiteError(f"{len(missing)} result file(s) missing, e.g. {missing[0]}; build them with "
+                         f"`snakemake <report>` instead of calling the report builder directly")
+    return out
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _decimals(table: dict) -> int:
+    return 0 if table["metric"] == "rounds_to_target" else 2
+
+
+class ReportBuilder:
+    def __init__(self, paper_name: str, scale: str, results_dir: Path, seeds=None):
+        self.name, self.scale = paper_name, scale
+        self.paper = load_paper(paper_name)
+        self.sc = scale_config(self.paper, scale)
+        self.cells = {t: table_cells(self.paper, t, scale, seeds) for t in self.paper["tables"]}
+        ids = {rid for grid in self.cells.values() for row in grid for cell in row for rid in cell.run_ids}
+        self.results = load_results(sorted(ids), results_dir)
+
+    # --- numbers ---------------------------------------------------------------------------------------------
+    def ours(self, table: str) -> list[list[CellValue]]:
+        t = self.paper["tables"][table]
+        grid = []
+        for row in self.cells[table]:
+            out = []
+            for cell in row:
+                if not cell.specs:
+                    out.append(CellValue(None, note="not run at this scale"))
+                else:
+                    out.append(cell_value([self.results[r] for r in cell.run_ids], t["metric"], cell.eval))
+            grid.append(out)
+        return grid
+
+    def theirs(self, table: str) -> list[list[CellValue]]:
+        return [[paper_value(v) for v in row] for row in self.paper["tables"][table]["paper"]]
+
+    def labels(self, table: str) -> tuple[list[str], list[str]]:
+        t = self.paper["tables"][table]
+        return [r["label"] for r in t["rows"]], [c["label"] for c in t["columns"]]
+
+    def as_values(self, table: str, grid) -> dict:
+        rows, cols = self.labels(table)
+        return {(rows[i], cols[j]): v.mean for i, r in enumerate(grid) for j, v in enumerate(r) if v.available}
+
+    # --- sections --------------------------------------------------------------------------------------------
+    def header(self) -> str:
+        p = self.paper
+        return "\n".join([
+            f"# {p['title']}",
+            "",
+            f"{', '.join(p['authors'])}. *{p['venue']}*. arXiv:{p.get('arxiv', '—')}. Code: {p.get('code', '—')}.",
+            "",
+            f"**Scale: `{self.scale}`** — {self.sc['summary']}. {SCALE_NOTE[self.scale]}",
+        ])
+
+    def table_section(self, table: str) -> str:
+        t = self.paper["tables"][table]
+        rows, cols = self.labels(table)
+        d = _decimals(t)
+        ours, theirs = self.ours(table), self.theirs(table)
+        out = [f"## {t['title']}", "", f"Source: {t['source']}. Metric: {t['how']}", ""]
+        out += ["**Paper**", "", _md_table([""] + cols, [[r] + [v.display(2 if d else 0) for v in row]
+                                                          for r, row in zip(rows, theirs)]), ""]
+        targets = self._targets(table)
+        out += [f"**Ours ({self.scale} scale)**" + (f" — targets at this scale: {targets}" if targets else ""), "",
+                _md_table([""] + cols, [[r] + [v.display(d) for v in row] for r, row in zip(rows, ours)]), ""]
+        if self.scale == "paper":
+            tol = t.get("tolerance", {"relative": 0.1})
+            marks = [[{True: "✅", False: "❌", None: "—"}[within_tolerance(o, p, tol)] for o, p in zip(ro, rp)]
+                     for ro, rp in zip(ours, theirs)]
+            out += [f"**Reproduced within tolerance {tol}**", "", _md_table([""] + cols, [[r] + m for r, m in
+                                                                                          zip(rows, marks)]), ""]
+        return "\n".join(out)
+
+    def _targets(self, table: str) -> str:
+        t = self.paper["tables"][table]
+        if t["metric"] != "rounds_to_target":
+            return ""
+        pairs = []
+        for j, col in enumerate(t["columns"]):
+            cell = next((row[j] for row in self.cells[table] if row[j].specs), None)
+            if cell and "target" in cell.eval:
+                pairs.append(f"{col['label']}: {100 * cell.eval['target']:.0f}%")
+        return ", ".join(pairs)
+
+    def claims_section(self) -> str:
+        rows = []
+        for claim in self.paper["claims"]:
+            chk = claim["check"]
+            t = self.paper["tables"][chk["table"]]
+            r, c = self.labels(chk["table"])
+            lower = t.get("lower_is_better", False)
+            on_paper = check_claim(chk, self.as_values(chk["table"], self.theirs(chk["table"])), r, c, lower)
+            on_ours = check_claim(chk, self.as_values(chk["table"], self.ours(chk["table"])), r, c, lower)
+            rows.append([claim["text"], claim["source"], f"{on_paper.mark}", f"{on_ours.mark} {on_ours.evidence}"])
+        intro = ("Each claim is evaluated by the check written in `paper.yaml` (kind and cells), on the paper's own "
+                 "numbers (a test of the check itself) and on ours. ✅ holds, ❌ does not hold, ➖ not evaluable at "
+                 "this scale. Comparisons use the mean over seeds.")
+        return "\n".join(["## Claims", "", intro, "", _md_table(["Claim", "Source", "Paper's numbers", "Ours"], rows)])
+
+    def plots_section(self, figures_dir: Path, report_dir: Path) -> str:
+        out = []
+        for plot in self.paper.get("plots", []):
+            t = self.paper["tables"][plot["table"]]
+            rows, cols = self.labels(plot["table"])
+            panels = []
+            for col in plot["column"] if isinstance(plot["column"], list) else [plot["column"]]:
+                j = cols.index(col)
+                series = []
+                for label in plot["rows"]:
+                    cell = self.cells[plot["table"]][rows.index(label)][j]
+                    if cell.specs:
+                        series.append((label, [self.results[r] for r in cell.run_ids]))
+                target = next((self.cells[plot["table"]][i][j].eval.get("target") for i in range(len(rows))
+                               if self.cells[plot["table"]][i][j].specs), None)
+                if series:
+                    panels.append((col, series, target))
+            if not panels:
+                continue
+            path = figures_dir / f"{self.name}_{plot['name']}.png"
+            accuracy_per_round(panels, f"{plot['title']} — {self.scale} scale", path)
+            rel = Path(os.path.relpath(path, report_dir))
+            out += [f"### {plot['title']}", "", f"![{plot['title']}]({rel.as_posix()})", "",
+                    "Mean over seeds; the dashed line is the target accuracy." if t["metric"] == "rounds_to_target"
+                    else "Mean over seeds.", ""]
+        return "\n".join(["## Plots", "", *out]) if out else ""
+
+    def scale_section(self) -> str:
+        out = ["## How this scale differs from the paper's setting", ""]
+        out += [f"- {d}" for d in self.sc.get("deviations", [])] or ["- None: this is the paper's setting."]
+        translate = self.sc.get("translate", {})
+        if translate:
+            out += ["", "Paper values and the values used at this scale (— means not run):", "",
+                    _md_table(["setting", "paper → this scale"],
+                              [[k, ", ".join(f"{a} → {'—' if b is None else b}" for a, b in m.items())]
+                               for k, m in translate.items()])]
+        return "\n".join(out)
+
+    def provenance_section(self, elapsed_report: float) -> str:
+        res = list(self.results.values())
+        walls = sum(r["wall_time_s"] for r in res)
+        starts = [datetime.fromisoformat(r["started"]) for r in res]
+        now = datetime.now(timezone.utc)
+        elapsed = (now - min(starts)).total_seconds() if starts else 0.0
+        commits = sorted({r["provenance"]["commit"] for r in res})
+        prov = res[0]["provenance"] if res else {}
+        pk = prov.get("packages", {})
+        leaks = sum(r["data"]["test_samples_in_train"] for r in res)
+        out = ["## Provenance", "",
+               f"- Runs: {len(res)} ({sum(r['status'] == 'completed' for r in res)} completed, "
+               f"{sum(r['status'] == 'diverged' for r in res)} diverged); seeds {self.sc['seeds']}.",
+               f"- Wall time: {walls / 60:.1f} min of training summed over runs; {elapsed / 60:.1f} min from the "
+               f"first run's start to this report (includes runs reused from earlier builds); report built in "
+               f"{elapsed_report:.1f} s.",
+               f"- Code: commit(s) {', '.join(commits)}; report built at commit {git_commit()}.",
+               f"- Software: Python {prov.get('python')}, " + ", ".join(f"{k} {v}" for k, v in pk.items() if v) + ".",
+               f"- Device: {prov.get('device')} ({prov.get('processor')}, {prov.get('threads')} thread(s) per run), "
+               f"{prov.get('platform')}.",
+               f"- Data sanity: test samples also found in a training split, summed over runs: {leaks}; every "
+               f"partition assigns each training sample to exactly one client (checked at run time).",
+               "", "<details><summary>Runs used by this report (run id = hash of the resolved config)</summary>", "",
+               _md_table(["run", "method", "data", "partition", "model", "C", "E", "rounds", "seed", "status",
+                          "data fingerprint", "partition fingerprint", "wall (s)"],
+                         [[f"`{r['run_id']}`", r["spec"]["method"]["name"], r["spec"]["dataset"]["name"],
+                           f"{r['spec']['partition']['scheme']} α={r['spec']['partition'].get('alpha', '—')}",
+                           f"{r['spec']['model']['name']}-{r['spec']['model'].get('norm', '')}",
+                           str(r["spec"]["training"]["client_fraction"]), str(r["spec"]["training"]["local_epochs"]),
+                           str(r["spec"]["training"]["rounds"]), str(r["spec"]["seed"]), r["status"],
+                           f"`{r['data']['fingerprint']}`", f"`{r['data']['partition_fingerprint']}`",
+                           f"{r['wall_time_s']:.1f}"] for r in sorted(res, key=lambda r: r["run_id"])]),
+               "", "</details>"]
+        return "\n".join(out)
+
+    def cite_section(self) -> str:
+        p = self.paper
+        when = datetime.now(timezone.utc).date().isoformat()
+        return "\n".join([
+            "## How to cite", "",
+            "The paper:", "", "```bibtex", p["citation"].rstrip(), "```", "",
+            "These reproduced numbers (give the commit, so the exact code and configuration can be recovered):", "",
+            "```bibtex",
+            f"@misc{{paperbench_{self.name}_{self.scale},",
+            f"  title  = {{Reproduction of \"{p['title']}\" ({self.scale} scale)}},",
+            f"  note   = {{paper-benchmarks suite, report reports/{self.name}.md, commit {git_commit()}}},",
+            f"  year   = {{{when[:4]}}},",
+            f"  urldate = {{{when}}}",
+            "}", "```"])
+
+    def build(self, out: Path, figures_dir: Path) -> None:
+        t0 = time.perf_counter()
+        parts = [self.header(), *(self.table_section(t) for t in self.paper["tables"]), self.claims_section(),
+                 self.plots_section(figures_dir, out.parent), self.scale_section()]
+        parts += [self.provenance_section(time.perf_counter() - t0), self.cite_section()]
+        write_text_atomic(out, "\n\n".join(p for p in parts if p) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paper")
+    ap.add_argument("--scale", default="mini")
+    ap.add_argument("--seeds", type=int, nargs="*")
+    ap.add_argument("--results", type=Path, default=Path("results/runs"))
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--figures", type=Path, default=Path("reports/figures"))
+    args = ap.parse_args(argv)
+    try:
+        ReportBuilder(args.paper, args.scale, args.results, args.seeds or None).build(
+            args.out or Path("reports") / f"{args.paper}.md", args.figures)
+    except SuiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

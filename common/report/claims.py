@@ -1,0 +1,114 @@
+"""Claim checks: each kind reads a table of cell means (ours or the paper's) and returns a verdict with evidence.
+
+A verdict is True (holds), False (does not hold) or None (cannot be evaluated: the cells are not run at this
+scale). Nothing here knows any paper: the claims and their parameters live in each paper.yaml.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import SuiteError
+
+Table = dict[tuple[str, str], float]  # (row label, column label) -> mean; missing cells are absent
+
+
+@dataclass(frozen=True)
+class Verdict:
+    holds: bool | None
+    evidence: str
+
+    @property
+    def mark(self) -> str:
+        return {True: "✅", False: "❌", None: "➖"}[self.holds]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _better(a: float, b: float, lower_is_better: bool, strict: bool = True) -> bool:
+    if strict:
+        return a < b if lower_is_better else a > b
+    return a <= b if lower_is_better else a >= b
+
+
+def better_in_every_cell(values: Table, table_rows: list[str], table_cols: list[str], lower_is_better: bool, *, pairs,
+                         columns=None, strict: bool = True) -> Verdict:
+    """For every pair [a, b] and every column: row a is better than row b (or equal, when strict is false)."""
+    checked, failed = 0, []
+    for a, b in pairs:
+        for c in columns or table_cols:
+            if (a, c) in values and (b, c) in values:
+                checked += 1
+                if not _better(values[a, c], values[b, c], lower_is_better, strict):
+                    failed.append(f"{a} vs {b} at {c}: {_fmt(values[a, c])} vs {_fmt(values[b, c])}")
+    if not checked:
+        return Verdict(None, "no cell of this claim is run at this scale")
+    if failed:
+        shown = "; ".join(failed[:4]) + (f"; and {len(failed) - 4} more" if len(failed) > 4 else "")
+        return Verdict(False, f"fails in {len(failed)} of {checked} comparisons: {shown}")
+    return Verdict(True, f"holds in all {checked} comparisons")
+
+
+def advantage_grows(values: Table, table_rows, table_cols, lower_is_better: bool, *, pairs, from_columns,
+                    to_columns) -> Verdict:
+    """Mean advantage of a over b (over pairs and columns) is larger on `to_columns` than on `from_columns`."""
+    def mean_adv(columns):
+        advs = [(values[b, c] - values[a, c]) if lower_is_better else (values[a, c] - values[b, c])
+                for a, b in pairs for c in columns if (a, c) in values and (b, c) in values]
+        return (sum(advs) / len(advs), len(advs)) if advs else (None, 0)
+    start, n_start = mean_adv(from_columns)
+    end, n_end = mean_adv(to_columns)
+    if start is None or end is None:
+        return Verdict(None, "no cell of this claim is run at this scale")
+    text = (f"mean advantage {_fmt(end)} on {', '.join(to_columns)} ({n_end} comparisons) vs "
+            f"{_fmt(start)} on {', '.join(from_columns)} ({n_start})")
+    return Verdict(end > start, text)
+
+
+def _extreme_in_row(values: Table, table_rows, table_cols, lower_is_better: bool, column: str, best: bool,
+                    rows=None) -> Verdict:
+    """`column` strictly best (or worst) among the row's cells, for each row in `rows` (default: all)."""
+    failed, checked = [], 0
+    pick_best = min if lower_is_better else max
+    pick_worst = max if lower_is_better else min
+    for r in rows or table_rows:
+        others = [(c, values[r, c]) for c in table_cols if c != column and (r, c) in values]
+        if (r, column) not in values or not others:
+            continue
+        checked += 1
+        v = values[r, column]
+        rival = (pick_best if best else pick_worst)(others, key=lambda x: x[1])
+        beats = _better(v, rival[1], lower_is_better) if best else _better(rival[1], v, lower_is_better)
+        if not beats:
+            failed.append(f"{r}: {_fmt(v)} vs {rival[0]} {_fmt(rival[1])}")
+    if not checked:
+        return Verdict(None, "no row of this claim is run at this scale")
+    word = "best" if best else "worst"
+    if failed:
+        return Verdict(False, f"not the {word} in {len(failed)} of {checked} rows: " + "; ".join(failed))
+    return Verdict(True, f"{column} is the {word} in all {checked} rows")
+
+
+def best_in_row(values, table_rows, table_cols, lower_is_better, *, column, rows=None) -> Verdict:
+    return _extreme_in_row(values, table_rows, table_cols, lower_is_better, column, True, rows)
+
+
+def worst_in_row(values, table_rows, table_cols, lower_is_better, *, column, rows=None) -> Verdict:
+    return _extreme_in_row(values, table_rows, table_cols, lower_is_better, column, False, rows)
+
+
+KINDS = {"better_in_every_cell": better_in_every_cell, "advantage_grows": advantage_grows,
+         "best_in_row": best_in_row, "worst_in_row": worst_in_row}
+
+
+def check_claim(check: dict, values: Table, rows: list[str], cols: list[str], lower_is_better: bool) -> Verdict:
+    params = {k: v for k, v in check.items() if k not in ("kind", "table")}
+    labels = set(rows) | set(cols)
+    named = [x for p in params.get("pairs", []) for x in p] + params.get("from_columns", []) + \
+        params.get("to_columns", []) + params.get("columns", []) + params.get("rows", []) + \
+        ([params["column"]] if "column" in params else [])
+    unknown = sorted(set(named) - labels)
+    if unknown:
+        raise SuiteError(f"claim check on table '{check['table']}' names unknown rows/columns: {', '.join(unknown)}")
+    return KINDS[check["kind"]](values, rows, cols, lower_is_better, **params)

@@ -1,0 +1,90 @@
+"""How a table cell is computed from run results, and how paper values are read."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def rounds_to_target(result: dict, target: float) -> tuple[float, bool]:
+    """First round whose test accuracy reaches `target`; (budget + 1, True) when never reached."""
+    for r, acc in zip(result["metrics"]["round"], result["metrics"]["test_accuracy"]):
+        if acc >= target:
+            return float(r), False
+    return float(result["spec"]["training"]["rounds"] + 1), True
+
+
+def final_accuracy(result: dict) -> tuple[float, bool]:
+    return 100.0 * result["metrics"]["test_accuracy"][-1], False
+
+
+def best_accuracy(result: dict) -> tuple[float, bool]:
+    return 100.0 * max(result["metrics"]["test_accuracy"]), False
+
+
+METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy}
+
+
+@dataclass(frozen=True)
+class CellValue:
+    """A table cell: mean and std over seeds (std None for one seed); `censored` seeds hit the round budget."""
+    mean: float | None
+    std: float | None = None
+    n: int = 0
+    censored: int = 0
+    diverged: int = 0
+    note: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.mean is not None and math.isfinite(self.mean)
+
+    def display(self, decimals: int) -> str:
+        if self.diverged:
+            return "diverged" if self.diverged == self.n else f"diverged ({self.diverged}/{self.n} seeds)"
+        if not self.available:
+            return self.note or "—"
+        if self.censored == self.n:
+            return f"> {self.mean - 1:.0f}"
+        text = f"{self.mean:.{decimals}f}"
+        if self.std is not None:
+            text += f"±{self.std:.{decimals}f}"
+        if self.censored:
+            text = f"≥ {text} ({self.censored}/{self.n} not reached)"
+        return text
+
+
+def cell_value(results: list[dict], metric: str, eval_args: dict) -> CellValue:
+    if any(r["status"] == "diverged" for r in results):
+        return CellValue(None, n=len(results), diverged=sum(r["status"] == "diverged" for r in results))
+    values = [METRICS[metric](r, **eval_args) for r in results]
+    xs = np.array([v for v, _ in values])
+    std = float(xs.std(ddof=1)) if len(xs) > 1 else None
+    return CellValue(float(xs.mean()), std, len(xs), sum(c for _, c in values))
+
+
+_PAPER = re.compile(r"^\s*(-?[0-9.]+)\s*(?:±\s*([0-9.]+))?\s*$")
+
+
+def paper_value(raw) -> CellValue:
+    """A value from paper.yaml: a number, "mean±std", or null (not reported)."""
+    if raw is None:
+        return CellValue(None, note="not reported")
+    if isinstance(raw, (int, float)):
+        return CellValue(float(raw), n=1)
+    m = _PAPER.match(str(raw))
+    if not m:
+        raise ValueError(f"cannot read paper value {raw!r}; write a number or 'mean±std'")
+    return CellValue(float(m.group(1)), float(m.group(2)) if m.group(2) else None, n=1)
+
+
+def within_tolerance(ours: CellValue, paper: CellValue, tolerance: dict) -> bool | None:
+    """Paper-scale verdict for one cell: |ours - paper| <= absolute, or <= relative * paper."""
+    if not (ours.available and paper.available):
+        return None
+    gap = abs(ours.mean - paper.mean)
+    if "absolute" in tolerance:
+        return gap <= tolerance["absolute"]
+    return gap <= tolerance.get("relative", 0.1) * abs(paper.mean)

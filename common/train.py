@@ -1,0 +1,104 @@
+"""Train one run from its resolved spec and write its results file.
+
+    python -m common.train results/specs/<run>.json results/runs/<run>.json [--data-root data] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from common.data import fingerprint, load_dataset, train_test_overlap
+from common.data.partition import partition, partition_fingerprint
+from common.errors import SuiteError
+from common.fl import FederatedRun, RunContext, get_algorithm
+from common.models import build_model
+from common.results import provenance, run_id, write_json_atomic
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SuiteError(f"device '{device}' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def make_deterministic(device: torch.device, threads: int) -> None:
+    """CPU kernels are deterministic for a fixed thread count; CUDA needs deterministic algorithms asked for."""
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: int = 1,
+            progress: bool = True) -> dict:
+    """Run one federated experiment and return its result record (not yet written)."""
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    dev = resolve_device(device)
+    make_deterministic(dev, threads)
+    algorithm = get_algorithm(spec["method"])
+    ds_spec = spec["dataset"]
+    data = load_dataset(ds_spec["name"], data_root, ds_spec.get("train_limit"), ds_spec.get("test_limit"))
+    part = dict(spec["partition"])
+    parts = partition(data.train.y, part.pop("scheme"), seed=spec["seed"], **part)
+    overlap = train_test_overlap(data)
+
+    def make_model():
+        m = spec["model"]
+        return build_model(m["name"], in_channels=data.input_shape[0], num_classes=data.num_classes,
+                           input_size=data.input_shape[-1], **{k: v for k, v in m.items() if k != "name"}).to(dev)
+
+    torch.manual_seed(spec["seed"])
+    ctx = RunContext(spec=spec, data=data, parts=parts, model=make_model(), make_model=make_model, device=dev,
+                     data_root=str(data_root))
+    hist = FederatedRun(ctx, algorithm).train(progress=progress)
+    return {
+        "run_id": run_id(spec),
+        "spec": spec,
+        "status": hist.status,
+        "metrics": {"round": hist.rounds, "test_accuracy": hist.test_accuracy, "test_loss": hist.test_loss,
+                    "train_loss": hist.train_loss, **hist.extra},
+        "final": {"test_accuracy": hist.test_accuracy[-1] if hist.test_accuracy and hist.status == "completed"
+                  else None},
+        "data": {
+            "dataset": data.description,
+            "fingerprint": fingerprint(data.train.x, data.train.y, data.test.x, data.test.y),
+            "partition_fingerprint": partition_fingerprint(parts),
+            "client_sizes": [len(p) for p in parts],
+            "test_samples_in_train": overlap,
+        },
+        "started": started.isoformat(timespec="seconds"),
+        "wall_time_s": round(time.perf_counter() - t0, 3),
+        "provenance": provenance(str(dev), threads),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--data-root", default="data")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    try:
+        spec = json.loads(args.spec.read_text())
+        result = execute(spec, args.data_root, args.device, args.threads, progress=sys.stderr.isatty())
+    except SuiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_json_atomic(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

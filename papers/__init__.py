@@ -1,0 +1,1 @@
+"""One subpackage per reproduced paper: paper.yaml (tables, claims, scales), method.py, README.md."""

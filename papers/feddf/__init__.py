@@ -1,0 +1,1 @@
+"""FedDF: Ensemble Distillation for Robust Model Fusion in Federated Learning (Lin et al., NeurIPS 2020)."""
