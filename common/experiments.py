@@ -113,6 +113,10 @@ def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds:
     t = paper["tables"][table]
     sc = scale_config(paper, scale)
     settings = {**t.get("set", {}), **t["columns"][col].get("set", {}), **t["rows"][row].get("set", {})}
+    label = settings.pop("method")
+    method = _deep_merge(paper["methods"][label], sc.get("methods", {}).get(label, {}))
+    # a method hyper-parameter given per cell applies only to the methods that have it
+    settings = {k: v for k, v in settings.items() if not k.startswith("method.") or k[len("method."):] in method}
     translate = sc.get("translate", {})
     for key, value in list(settings.items()):
         mapping = translate.get(key, {})
@@ -121,16 +125,9 @@ def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds:
                 return Cell(table, row, col, (), (), skipped=f"{key}={value} has no analog at scale '{scale}'")
             settings[key] = mapping[value]
     spec = copy.deepcopy(sc["base"])
-    label = settings.pop("method")
-    spec["method"] = _deep_merge(paper["methods"][label], sc.get("methods", {}).get(label, {}))
+    spec["method"] = method
     eval_args = {k: settings.pop(k) for k in EVAL_KEYS if k in settings}
     for key, value in settings.items():
-        if key.startswith("method."):
-            # a method hyper-parameter given per cell applies to the methods that have it
-            if key.split(".", 1)[1] not in spec["method"]:
-                continue
-            if value is None:
-                return Cell(table, row, col, (), (), skipped=f"{key} has no analog at scale '{scale}'")
         _set_dotted(spec, key, value)
     validate({**spec, "seed": 0}, "run.schema.yaml", f"papers/{paper['id']}/paper.yaml (table {table}, "
              f"row '{t['rows'][row]['label']}', column '{t['columns'][col]['label']}', scale {scale})")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from common.errors import SuiteError
 
 if TYPE_CHECKING:
-    from common.fl.engine import RunContext
+    from common.fl.engine import FederatedRun, RunContext
 
 State = dict[str, torch.Tensor]
 
@@ -99,6 +99,18 @@ class Algorithm:
 
     def local_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
+
+    def end_client(self, model: torch.nn.Module, global_state: State, client: int, steps: int) -> None:
+        """Called after local training (`steps` SGD steps), before the client's state is collected."""
+
+    # --- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate(self, run: "FederatedRun", global_state: State) -> dict[str, float]:
+        """Metrics of the new global model; must include test_accuracy and test_loss. Personalised methods
+        override this (e.g. to evaluate each client's own model on its own test data)."""
+        from common.fl.engine import evaluate
+        run.ctx.model.load_state_dict(global_state)
+        acc, loss = evaluate(run.ctx.model, run.x_test, run.y_test)
+        return {"test_accuracy": acc, "test_loss": loss}
 
     # --- server side -------------------------------------------------------------------------------------------
     def server_update(self, global_state: State, client_states: list[State], weights: list[float],

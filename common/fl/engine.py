@@ -87,8 +87,8 @@ class FederatedRun:
         rng = np.random.default_rng(sub_seed(self.seed, round_index, 0xC11E))
         return sorted(rng.choice(n, size=m, replace=False).tolist())
 
-    def local_train(self, client: int, round_index: int) -> float:
-        """Local SGD on one client's data; returns the mean training loss (nan/inf if it diverged)."""
+    def local_train(self, client: int, round_index: int) -> tuple[float, int]:
+        """Local SGD on one client's data; returns (mean training loss, nan/inf if it diverged; SGD steps)."""
         model, algo = self.ctx.model, self.algo
         idx = self.ctx.parts[client].to(self.ctx.device)
         x, y = self.x[idx], self.y[idx]
@@ -107,8 +107,8 @@ class FederatedRun:
                 total += loss.item()
                 steps += 1
                 if not math.isfinite(total):
-                    return total
-        return total / max(steps, 1)
+                    return total, steps
+        return total / max(steps, 1), steps
 
     def train(self, progress: bool = True, on_round=None) -> History:
         ctx, algo, hist = self.ctx, self.algo, History()
@@ -124,7 +124,9 @@ class FederatedRun:
             for k in sampled:
                 ctx.model.load_state_dict(global_state)
                 algo.begin_client(ctx.model, global_state, k)
-                losses.append(self.local_train(k, r))
+                loss, steps = self.local_train(k, r)
+                losses.append(loss)
+                algo.end_client(ctx.model, global_state, k, steps)
                 states.append(clone_state(ctx.model))
                 weights.append(len(ctx.parts[k]))
             train_loss = float(np.mean(losses))
@@ -132,8 +134,8 @@ class FederatedRun:
                 hist.status = "diverged"
                 break
             global_state = algo.server_update(global_state, states, weights, r)
-            ctx.model.load_state_dict(global_state)
-            acc, test_loss = evaluate(ctx.model, self.x_test, self.y_test)
+            metrics = algo.evaluate(self, global_state)
+            acc, test_loss = metrics.pop("test_accuracy"), metrics.pop("test_loss")
             if not math.isfinite(test_loss):
                 hist.status = "diverged"
                 break
@@ -141,6 +143,8 @@ class FederatedRun:
             hist.test_accuracy.append(acc)
             hist.test_loss.append(test_loss)
             hist.train_loss.append(train_loss)
+            for key, value in metrics.items():
+                hist.log(key, value)
             hist.log("round_seconds", time.perf_counter() - started)
             bar.set_postfix(acc=f"{acc:.3f}")
             if on_round:

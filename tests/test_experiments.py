@@ -1,0 +1,97 @@
+"""From paper.yaml to runs: translation per scale, shared runs, and clear errors for bad input."""
+import shutil
+
+import pytest
+
+from common import experiments
+from common.errors import SuiteError
+from common.experiments import load_paper, paper_runs, resolve_cell, table_cells
+from common.results import run_id
+
+
+def cell_by_label(paper, table, row, col, scale):
+    t = paper["tables"][table]
+    r = [x["label"] for x in t["rows"]].index(row)
+    c = [x["label"] for x in t["columns"]].index(col)
+    return resolve_cell(paper, table, r, c, scale)
+
+
+def test_mini_cell_translates_paper_values():
+    p = load_paper("feddf")
+    cell = cell_by_label(p, "table1", "FedAvg, E=40", "C=0.2, α=0.1", "mini")
+    spec = cell.specs[0]
+    assert spec["training"]["local_epochs"] == 4 and spec["training"]["client_fraction"] == 0.2
+    assert spec["partition"]["alpha"] == 0.1 and spec["dataset"]["name"] == "mnist5k"
+    assert spec["method"] == {"name": "fedavg"}
+    assert cell.eval == {"target": 0.92}
+    paper_cell = cell_by_label(p, "table1", "FedAvg, E=40", "C=0.2, α=0.1", "paper")
+    assert paper_cell.specs[0]["training"]["local_epochs"] == 40 and paper_cell.eval == {"target": 0.75}
+    assert paper_cell.specs[0]["dataset"]["name"] == "cifar10"
+
+
+def test_identical_runs_are_shared_between_tables():
+    p = load_paper("feddf")
+    for method_row, col in [("FedAvg, E=40", "FedAvg (BN)"), ("FedDF, E=40", "FedDF (BN)")]:
+        t1 = cell_by_label(p, "table1", method_row, "C=0.4, α=0.1", "mini")
+        t2 = cell_by_label(p, "table2", "CIFAR-10, α=0.1", col, "mini")
+        assert t1.run_ids == t2.run_ids
+    ids = paper_runs("feddf", "mini")
+    n_cells = sum(len(c.specs) for t in p["tables"] for row in table_cells(p, t, "mini") for c in row)
+    assert len(ids) < n_cells
+
+
+def test_cells_without_analog_are_skipped_with_a_reason():
+    p = load_paper("feddf")
+    cell = cell_by_label(p, "table1", "FedAvg, E=1", "C=0.2, α=1", "smoke")
+    assert cell.specs == () and "client_fraction" in cell.skipped
+    assert cell_by_label(p, "table2", "CIFAR-100, α=1", "FedAvg (BN)", "mini").specs == ()
+    assert cell_by_label(p, "table2", "CIFAR-100, α=1", "FedDF (BN)", "paper").specs == ()
+    assert cell_by_label(p, "table2", "CIFAR-100, α=1", "FedAvg (BN)", "paper").specs != ()
+
+
+def test_seeds_override():
+    runs = paper_runs("feddf", "smoke", seeds=[1, 2])
+    assert {s["seed"] for s in runs.values()} == {1, 2}
+    assert len(runs) == 2 * len(paper_runs("feddf", "smoke"))
+
+
+def test_run_id_is_a_hash_of_content_not_key_order():
+    a = {"x": 1, "y": {"b": 2, "a": 1}}
+    assert run_id(a) == run_id({"y": {"a": 1, "b": 2}, "x": 1}) and run_id(a) != run_id({**a, "x": 2})
+
+
+def test_unknown_paper_and_scale():
+    with pytest.raises(SuiteError, match="unknown paper 'nope'; known papers: .*feddf"):
+        load_paper("nope")
+    with pytest.raises(SuiteError, match="no scale 'huge'"):
+        paper_runs("feddf", "huge")
+
+
+@pytest.fixture
+def paper_dir(tmp_path, monkeypatch):
+    """A copy of the papers folder whose feddf/paper.yaml a test may break."""
+    shutil.copytree(experiments.PAPERS_DIR, tmp_path / "papers")
+    monkeypatch.setattr(experiments, "PAPERS_DIR", tmp_path / "papers")
+    experiments.load_paper.cache_clear()
+    yield tmp_path / "papers" / "feddf" / "paper.yaml"
+    experiments.load_paper.cache_clear()
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("target: {0.80: 0.95, 0.75: 0.92}", "target: {0.80: 0.95, 0.75: 0.92", "malformed YAML"),
+    ("training.client_fraction: 0.2, partition.alpha: 1,", "training.client_fraction: 0.2, partition.alpha: 0,",
+     "alpha"),
+    ("training.client_fraction: 0.2, partition.alpha: 1,", "training.client_fraction: 1.5, partition.alpha: 1,",
+     "client_fraction"),
+    ("training.local_epochs: {20: 2, 40: 4}", "training.local_epochs: {20: 2, 40: -4}", "local_epochs"),
+    ('set: {method: FedDF, training.local_epochs: 40}', 'set: {method: FedXX, training.local_epochs: 40}',
+     "method 'FedXX' not defined"),
+    ('["28±6", "80±25", "20±4", "39±10", "14±2", "20±4"]', '["28±6", "80±25"]', "paper values must be"),
+])
+def test_bad_paper_yaml_gives_one_clear_error(paper_dir, old, new, message):
+    text = paper_dir.read_text()
+    assert old in text
+    paper_dir.write_text(text.replace(old, new, 1))
+    with pytest.raises(SuiteError) as err:
+        paper_runs("feddf", "mini")
+    assert "feddf" in str(err.value) and message in str(err.value)

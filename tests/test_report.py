@@ -1,0 +1,103 @@
+"""Report maths: paper values, cell metrics, claim checks (on synthetic tables and on the papers' own numbers)."""
+import pytest
+
+from common.errors import SuiteError
+from common.experiments import known_papers, load_paper
+from common.report.claims import check_claim
+from common.report.metrics import CellValue, cell_value, paper_value, rounds_to_target, within_tolerance
+
+
+def result(accs, rounds=None, status="completed"):
+    return {"status": status, "spec": {"training": {"rounds": rounds or len(accs)}},
+            "metrics": {"round": list(range(1, len(accs) + 1)), "test_accuracy": accs}}
+
+
+def test_paper_value_parsing():
+    assert paper_value("350±31") == CellValue(350.0, 31.0, n=1)
+    assert paper_value("76.01±1.53").mean == 76.01
+    assert paper_value(65.25) == CellValue(65.25, None, n=1)
+    assert not paper_value(None).available
+    with pytest.raises(ValueError):
+        paper_value("about 70")
+
+
+def test_rounds_to_target_first_crossing_and_censoring():
+    assert rounds_to_target(result([0.5, 0.81, 0.7, 0.9]), 0.8) == (2.0, False)
+    assert rounds_to_target(result([0.5, 0.6], rounds=2), 0.8) == (3.0, True)
+
+
+def test_cell_value_mean_std_and_display():
+    v = cell_value([result([0.1, 0.9]), result([0.9, 0.9])], "rounds_to_target", {"target": 0.8})
+    assert v.mean == 1.5 and abs(v.std - 0.7071) < 1e-3 and v.display(0) == "2±1"
+    censored = cell_value([result([0.1, 0.2])], "rounds_to_target", {"target": 0.8})
+    assert censored.display(0) == "> 2"
+    acc = cell_value([result([0.5, 0.7512])], "final_accuracy", {})
+    assert acc.display(2) == "75.12"
+    div = cell_value([result([0.5], status="diverged")], "final_accuracy", {})
+    assert div.display(2) == "diverged" and not div.available
+
+
+def test_within_tolerance():
+    assert within_tolerance(CellValue(78.0), CellValue(80.0), {"absolute": 2.0})
+    assert not within_tolerance(CellValue(77.9), CellValue(80.0), {"absolute": 2.0})
+    assert within_tolerance(CellValue(140.0), CellValue(100.0), {"relative": 0.5})
+    assert within_tolerance(CellValue(None), CellValue(1.0), {"absolute": 1}) is None
+
+
+ROWS, COLS = ["A", "B", "C"], ["x", "y"]
+
+
+def table(**cells):
+    return {(k[0], k[1]): v for k, v in cells.items()}
+
+
+def test_better_in_every_cell():
+    vals = table(Ax=1, Ay=2, Bx=3, By=4)
+    ok = check_claim({"kind": "better_in_every_cell", "table": "t", "pairs": [["A", "B"]]}, vals, ROWS, COLS, True)
+    assert ok.holds is True and "2 comparisons" in ok.evidence
+    bad = check_claim({"kind": "better_in_every_cell", "table": "t", "pairs": [["A", "B"]]}, vals, ROWS, COLS, False)
+    assert bad.holds is False
+    tie = table(Ax=1, Ay=2, Bx=1, By=4)
+    strict = check_claim({"kind": "better_in_every_cell", "table": "t", "pairs": [["A", "B"]]}, tie, ROWS, COLS, True)
+    loose = check_claim({"kind": "better_in_every_cell", "table": "t", "pairs": [["A", "B"]], "strict": False},
+                        tie, ROWS, COLS, True)
+    assert strict.holds is False and loose.holds is True
+    none = check_claim({"kind": "better_in_every_cell", "table": "t", "pairs": [["A", "C"]]}, vals, ROWS, COLS, True)
+    assert none.holds is None
+
+
+def test_advantage_grows():
+    vals = table(Ax=9, Bx=10, Ay=2, By=10)  # advantage of A: 1 on x, 8 on y (lower is better)
+    chk = {"kind": "advantage_grows", "table": "t", "pairs": [["A", "B"]], "from_columns": ["x"], "to_columns": ["y"]}
+    assert check_claim(chk, vals, ROWS, COLS, True).holds is True
+    assert check_claim({**chk, "from_columns": ["y"], "to_columns": ["x"]}, vals, ROWS, COLS, True).holds is False
+
+
+def test_best_and_worst_in_row():
+    rows, cols = ["r1", "r2"], ["m1", "m2", "m3"]
+    vals = {("r1", "m1"): 50, ("r1", "m2"): 60, ("r1", "m3"): 70, ("r2", "m1"): 50, ("r2", "m2"): 80, ("r2", "m3"): 70}
+    best = check_claim({"kind": "best_in_row", "table": "t", "column": "m3"}, vals, rows, cols, False)
+    assert best.holds is False and "r2" in best.evidence
+    assert check_claim({"kind": "best_in_row", "table": "t", "column": "m3", "rows": ["r1"]}, vals, rows, cols,
+                       False).holds is True
+    assert check_claim({"kind": "worst_in_row", "table": "t", "column": "m1"}, vals, rows, cols, False).holds is True
+    # with lower-is-better the same numbers make m1 the best
+    assert check_claim({"kind": "best_in_row", "table": "t", "column": "m1"}, vals, rows, cols, True).holds is True
+
+
+def test_claim_naming_an_unknown_row_is_an_error():
+    with pytest.raises(SuiteError, match="unknown rows/columns: Z"):
+        check_claim({"kind": "better_in_every_cell", "table": "t", "pairs": [["A", "Z"]]}, {}, ROWS, COLS, True)
+
+
+@pytest.mark.parametrize("paper", known_papers())
+def test_every_claim_holds_on_the_papers_own_numbers(paper):
+    """The claim checks are encoded correctly: evaluated on the paper's numbers they confirm the paper."""
+    p = load_paper(paper)
+    for claim in p["claims"]:
+        t = p["tables"][claim["check"]["table"]]
+        rows, cols = [r["label"] for r in t["rows"]], [c["label"] for c in t["columns"]]
+        vals = {(rows[i], cols[j]): paper_value(v).mean for i, row in enumerate(t["paper"])
+                for j, v in enumerate(row) if paper_value(v).available}
+        verdict = check_claim(claim["check"], vals, rows, cols, t.get("lower_is_better", False))
+        assert verdict.holds is True, (claim["id"], verdict.evidence)
