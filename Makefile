@@ -6,7 +6,7 @@ PAPER  ?= feddf
 CORES  ?= 2
 SNAKEMAKE_ARGS ?=
 
-.PHONY: venv report test benchmark clean
+.PHONY: venv report test expected clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,12 @@ report: venv
 
 test: venv
 	$(VENV)/bin/pytest
+
+# Refresh tests/expected/ after an intended change of smoke-scale numbers (review the diff before committing).
+expected: venv
+	rm -rf build/smoke
+	$(VENV)/bin/snakemake -s Snakefile -d build/smoke --cores $(CORES) all --config scale=smoke
+	$(VENV)/bin/python -m common.expected update --results build/smoke/results/runs
 
 clean:
 	rm -rf results .snakemake

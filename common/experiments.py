@@ -142,6 +142,22 @@ def table_cells(paper: dict, table: str, scale: str, seeds=None) -> list[list[Ce
             for r in range(len(t["rows"]))]
 
 
+def check_names(spec: dict, where: str) -> None:
+    """Fail at planning time, not hours into a workflow, on a dataset, model or method that does not exist."""
+    from common.data import LOADERS, load_dataset  # noqa: F401  (importing registers the loaders)
+    from common.data import offline, vision  # noqa: F401
+    from common.fl import get_algorithm
+    from common.models import MODELS
+    if spec["dataset"]["name"] not in LOADERS:
+        raise SuiteError(f"{where}: unknown dataset '{spec['dataset']['name']}'; known: {', '.join(sorted(LOADERS))}")
+    if spec["model"]["name"] not in MODELS:
+        raise SuiteError(f"{where}: unknown model '{spec['model']['name']}'; known: {', '.join(sorted(MODELS))}")
+    try:
+        get_algorithm(spec["method"])
+    except SuiteError as e:
+        raise SuiteError(f"{where}: {e}") from None
+
+
 def paper_runs(paper_name: str, scale: str, seeds=None) -> dict[str, dict]:
     """All runs (run id -> spec) a paper's report needs at `scale`."""
     paper = load_paper(paper_name)
@@ -150,4 +166,6 @@ def paper_runs(paper_name: str, scale: str, seeds=None) -> dict[str, dict]:
         for cell in itertools.chain.from_iterable(table_cells(paper, table, scale, seeds)):
             for spec in cell.specs:
                 runs[run_id(spec)] = spec
+    for spec in {run_id({**s, "seed": 0}): s for s in runs.values()}.values():
+        check_names(spec, f"papers/{paper_name}/paper.yaml (scale {scale})")
     return runs

@@ -40,7 +40,7 @@ def make_deterministic(device: torch.device, threads: int) -> None:
 
 
 def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: int = 1,
-            progress: bool = True) -> dict:
+            progress: bool = True, checkpoint: Path | None = None) -> dict:
     """Run one federated experiment and return its result record (not yet written)."""
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     dev = resolve_device(device)
@@ -60,7 +60,7 @@ def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: i
     torch.manual_seed(spec["seed"])
     ctx = RunContext(spec=spec, data=data, parts=parts, model=make_model(), make_model=make_model, device=dev,
                      data_root=str(data_root))
-    hist = FederatedRun(ctx, algorithm).train(progress=progress)
+    hist = FederatedRun(ctx, algorithm).train(progress=progress, checkpoint=checkpoint)
     return {
         "run_id": run_id(spec),
         "spec": spec,
@@ -76,6 +76,7 @@ def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: i
             "client_sizes": [len(p) for p in parts],
             "test_samples_in_train": overlap,
         },
+        "resumed_at_rounds": hist.resumed_at,
         "started": started.isoformat(timespec="seconds"),
         "wall_time_s": round(time.perf_counter() - t0, 3),
         "provenance": provenance(str(dev), threads),
@@ -89,14 +90,20 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint", type=Path, help="save state after every round here; resume from it if present")
     args = ap.parse_args(argv)
     try:
         spec = json.loads(args.spec.read_text())
-        result = execute(spec, args.data_root, args.device, args.threads, progress=sys.stderr.isatty())
+        if args.checkpoint:
+            args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        result = execute(spec, args.data_root, args.device, args.threads, progress=sys.stderr.isatty(),
+                         checkpoint=args.checkpoint)
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_json_atomic(args.out, result)
+    if args.checkpoint:
+        args.checkpoint.unlink(missing_ok=True)
     return 0
 
 

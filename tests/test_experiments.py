@@ -87,6 +87,10 @@ def paper_dir(tmp_path, monkeypatch):
     ('set: {method: FedDF, training.local_epochs: 40}', 'set: {method: FedXX, training.local_epochs: 40}',
      "method 'FedXX' not defined"),
     ('["28±6", "80±25", "20±4", "39±10", "14±2", "20±4"]', '["28±6", "80±25"]', "paper values must be"),
+    ("dataset: {name: mnist5k}", "dataset: {name: mnist6k}", "unknown dataset 'mnist6k'"),
+    ("model: {name: cnn, norm: bn}", "model: {name: cnnn, norm: bn}", "unknown model 'cnnn'"),
+    ("FedAvg: {name: fedavg}", "FedAvg: {name: fedavgg}", "unknown method 'fedavgg'"),
+    ("FedProx: {name: fedprox, mu: 0.01}", "FedProx: {name: fedprox, muu: 0.01}", "no parameter(s) muu"),
 ])
 def test_bad_paper_yaml_gives_one_clear_error(paper_dir, old, new, message):
     text = paper_dir.read_text()

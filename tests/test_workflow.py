@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.experiments import load_paper, paper_runs
+from common.train import execute
+from common.expected import EXPECTED_DIR, collect, diff
+from common.experiments import known_papers, load_paper, paper_runs
 
 REPO = Path(__file__).resolve().parent.parent
 # What legitimately differs between two identical runs: clocks.
@@ -27,48 +29,69 @@ def strip(obj):
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
+def smoke_builds(tmp_path_factory):
+    """Every paper's smoke-scale report, built twice from scratch in two folders."""
     dirs = [tmp_path_factory.mktemp(f"smoke{i}") for i in range(2)]
     for d in dirs:
-        proc = snakemake(d, "reports/feddf.md", "--config", "scale=smoke")
+        proc = snakemake(d, "all", "--config", "scale=smoke")
         assert proc.returncode == 0, proc.stderr[-3000:]
     return dirs
 
 
 @pytest.mark.slow
-def test_smoke_report_is_built_from_every_run(smoke_runs):
-    d = smoke_runs[0]
-    runs = paper_runs("feddf", "smoke")
-    assert sorted(p.stem for p in (d / "results" / "runs").glob("*.json")) == sorted(runs)
-    report = (d / "reports" / "feddf.md").read_text()
-    paper = load_paper("feddf")
-    for table in paper["tables"].values():
+@pytest.mark.parametrize("paper", known_papers())
+def test_smoke_report_is_built_from_every_run(smoke_builds, paper):
+    d = smoke_builds[0]
+    runs = paper_runs(paper, "smoke")
+    assert set(runs) <= {p.stem for p in (d / "results" / "runs").glob("*.json")}
+    report = (d / "reports" / f"{paper}.md").read_text()
+    meta = load_paper(paper)
+    for table in meta["tables"].values():
         assert table["title"] in report
-    claims = report.split("## Claims")[1].split("## ")[0]
-    for claim in paper["claims"]:
+    claims = report.split("## Claims")[1].split("\n## ")[0]
+    for claim in meta["claims"]:
         line = next(l for l in claims.splitlines() if l.startswith(f"| {claim['text']}"))
         assert re.match(r"\s*(✅|❌|➖) ", line.split("|")[-2]), line
-    assert (d / "reports" / "figures" / "feddf_accuracy_per_round.png").stat().st_size > 10_000
+    for plot in meta.get("plots", []):
+        assert (d / "reports" / "figures" / f"{paper}_{plot['name']}.png").stat().st_size > 10_000
     for rid in runs:
         assert (d / "results" / "benchmarks" / f"{rid}.tsv").is_file()
         res = json.loads((d / "results" / "runs" / f"{rid}.json").read_text())
         assert res["spec"] == runs[rid] and res["data"]["test_samples_in_train"] == 0
-        assert len(res["metrics"]["test_accuracy"]) == runs[rid]["training"]["rounds"]
+        assert res["status"] != "completed" or len(res["metrics"]["test_accuracy"]) == runs[rid]["training"]["rounds"]
 
 
 @pytest.mark.slow
-def test_smoke_results_are_bit_identical_across_two_builds(smoke_runs):
-    a, b = (sorted((d / "results" / "runs").glob("*.json")) for d in smoke_runs)
-    assert [p.name for p in a] == [p.name for p in b]
-    for pa, pb in zip(a, b):
-        assert strip(json.loads(pa.read_text())) == strip(json.loads(pb.read_text())), pa.name
-    tables = [(d / "reports" / "feddf.md").read_text().split("## Provenance")[0] for d in smoke_runs]
+@pytest.mark.parametrize("paper", known_papers())
+def test_smoke_results_are_bit_identical_across_two_builds(smoke_builds, paper):
+    for rid in paper_runs(paper, "smoke"):
+        a, b = (json.loads((d / "results" / "runs" / f"{rid}.json").read_text()) for d in smoke_builds)
+        assert strip(a) == strip(b), rid
+    tables = [(d / "reports" / f"{paper}.md").read_text().split("## Provenance")[0] for d in smoke_builds]
     assert tables[0] == tables[1]
 
 
 @pytest.mark.slow
-def test_up_to_date_workflow_reruns_nothing(smoke_runs):
-    proc = snakemake(smoke_runs[0], "-n", "reports/feddf.md", "--config", "scale=smoke")
+@pytest.mark.parametrize("paper", known_papers())
+def test_smoke_metrics_match_the_committed_expected_values(smoke_builds, paper):
+    """Any change of a smoke-scale number fails here; `make expected` refreshes after an intended change."""
+    expected = json.loads((EXPECTED_DIR / f"{paper}.json").read_text())
+    differences = diff(paper, expected, collect(paper, smoke_builds[0] / "results" / "runs"))
+    assert not differences, "smoke metrics changed (run `make expected` if intended):\n" + "\n".join(differences)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("paper", known_papers())
+def test_another_seed_gives_other_numbers(smoke_builds, paper):
+    rid, spec = sorted(paper_runs(paper, "smoke").items())[0]
+    seed0 = json.loads((smoke_builds[0] / "results" / "runs" / f"{rid}.json").read_text())
+    seed1 = execute({**spec, "seed": spec["seed"] + 1}, progress=False)
+    assert seed1["metrics"]["train_loss"] != seed0["metrics"]["train_loss"]
+
+
+@pytest.mark.slow
+def test_up_to_date_workflow_reruns_nothing(smoke_builds):
+    proc = snakemake(smoke_builds[0], "-n", "all", "--config", "scale=smoke")
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
 
 

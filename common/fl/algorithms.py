@@ -77,6 +77,8 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
 class Algorithm:
     """FedAvg (McMahan et al. 2017) with an optional server optimiser on the pseudo-gradient."""
     name = "fedavg"
+    # Attributes rebuilt by `setup` (data, scratch models, the run context): not saved in checkpoints.
+    transient: tuple[str, ...] = ("ctx", "param_names")
 
     def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.0):
         self.server_lr = server_lr
@@ -92,6 +94,16 @@ class Algorithm:
 
     def make_server_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.server_lr, momentum=self.server_momentum)
+
+    def checkpoint_state(self) -> dict:
+        """The algorithm's evolving state (server optimiser, per-client state, ...), saved after every round.
+
+        Every attribute not listed in `transient` is saved, so subclasses that keep state across rounds
+        (control variates, personal layers) are resumable without extra code."""
+        return {k: v for k, v in vars(self).items() if k not in self.transient}
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        vars(self).update(state)
 
     # --- client side -------------------------------------------------------------------------------------------
     def begin_client(self, model: torch.nn.Module, global_state: State, client: int) -> None:

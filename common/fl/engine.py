@@ -8,8 +8,10 @@ Every random choice (initialisation, client sampling, batch order) is derived fr
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ class History:
     train_loss: list[float] = field(default_factory=list)
     extra: dict[str, list] = field(default_factory=dict)
     status: str = "completed"
+    resumed_at: list[int] = field(default_factory=list)  # rounds at which a crashed run was continued
 
     def log(self, key: str, value) -> None:
         self.extra.setdefault(key, []).append(value)
@@ -110,13 +113,33 @@ class FederatedRun:
                     return total, steps
         return total / max(steps, 1), steps
 
-    def train(self, progress: bool = True, on_round=None) -> History:
+    def save_checkpoint(self, path: Path, next_round: int, global_state: State, hist: History) -> None:
+        """Everything needed to continue after `next_round - 1`; written atomically (a kill never leaves half)."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"run": self.ctx.spec, "next_round": next_round, "global_state": global_state,
+                    "algorithm": self.algo.checkpoint_state(), "history": hist}, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: Path):
+        ck = torch.load(path, weights_only=False, map_location=self.ctx.device)
+        if ck["run"] != self.ctx.spec:
+            raise ValueError(f"checkpoint {path} belongs to another run")
+        self.algo.restore_checkpoint_state(ck["algorithm"])
+        return ck["next_round"], ck["global_state"], ck["history"]
+
+    def train(self, progress: bool = True, checkpoint: Path | None = None) -> History:
+        """Train all rounds. With `checkpoint`, state is saved after every round and a run restarted after a
+        crash continues from the last saved round, ending bit-identical to an uninterrupted run."""
         ctx, algo, hist = self.ctx, self.algo, History()
         ctx.history = hist
         algo.setup(ctx)
-        global_state = clone_state(ctx.model)
-        bar = tqdm(range(self.rounds), desc=f"{ctx.spec['method']['name']}", unit="round",
-                   disable=not progress, leave=False)
+        global_state, first = clone_state(ctx.model), 0
+        if checkpoint is not None and Path(checkpoint).is_file():
+            first, global_state, hist = self.load_checkpoint(Path(checkpoint))
+            ctx.history = hist
+            hist.resumed_at.append(first)
+        bar = tqdm(range(first, self.rounds), desc=f"{ctx.spec['method']['name']}", unit="round",
+                   disable=not progress, leave=False, initial=first, total=self.rounds)
         for r in bar:
             started = time.perf_counter()
             sampled = self.sample_clients(r)
@@ -147,6 +170,6 @@ class FederatedRun:
                 hist.log(key, value)
             hist.log("round_seconds", time.perf_counter() - started)
             bar.set_postfix(acc=f"{acc:.3f}")
-            if on_round:
-                on_round(r, hist)
+            if checkpoint is not None:
+                self.save_checkpoint(Path(checkpoint), r + 1, global_state, hist)
         return hist

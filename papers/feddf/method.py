@@ -52,6 +52,7 @@ def distill(student: torch.nn.Module, x: torch.Tensor, teacher: torch.Tensor, x_
 
 @register_algorithm("feddf")
 class FedDF(Algorithm):
+    transient = Algorithm.transient + ("x_train", "x_val", "teacher_model")
     def __init__(self, unlabeled: str = "cifar100", steps: int = 10_000, batch_size: int = 128, lr: float = 1e-3,
                  patience: int = 1_000, eval_every: int = 100, val_fraction: float = 0.2, temperature: float = 1.0,
                  ensemble: str = "logits", unlabeled_limit: int | None = None):

@@ -1,4 +1,5 @@
 # One training run per resolved spec; the run id is the hash of the spec, so papers share identical runs.
+# A run saves a checkpoint every round and, when restarted after a crash, continues from it.
 
 
 rule spec:
@@ -28,4 +29,4 @@ rule train:
         device=config["device"],
     shell:
         "{PYTHON} -m common.train {input} {output} --data-root {params.data_root} "
-        "--device {params.device} --threads {threads}"
+        "--device {params.device} --threads {threads} --checkpoint results/checkpoints/{wildcards.run}.pt"

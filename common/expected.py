@@ -1,0 +1,81 @@
+"""Expected smoke-scale metrics, committed under tests/expected/, and a readable diff against new results.
+
+CI re-runs the smoke scale and compares every run's per-round metrics with the committed values; any change
+fails with one line per difference (paper, run, metric, round, expected, got). After an intended change:
+
+    make expected          # rebuilds the smoke results and rewrites tests/expected/<paper>.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common.experiments import known_papers, paper_runs
+from common.results import REPO, write_json_atomic
+
+EXPECTED_DIR = REPO / "tests" / "expected"
+COMPARED = ("test_accuracy", "test_loss", "train_loss")
+
+
+def describe(spec: dict) -> str:
+    t, p = spec["training"], spec["partition"]
+    return (f"{spec['method']['name']} {spec['model']['name']}-{spec['model'].get('norm', '')} "
+            f"C={t['client_fraction']} E={t['local_epochs']} α={p.get('alpha', '—')} seed={spec['seed']}")
+
+
+def collect(paper: str, results_dir: Path) -> dict:
+    out = {}
+    for rid, spec in sorted(paper_runs(paper, "smoke").items()):
+        res = json.loads((results_dir / f"{rid}.json").read_text())
+        out[rid] = {"run": describe(spec), "status": res["status"],
+                    **{m: res["metrics"][m] for m in COMPARED}}
+    return out
+
+
+def diff(paper: str, expected: dict, got: dict) -> list[str]:
+    lines = []
+    for rid in sorted(set(expected) | set(got)):
+        if rid not in got:
+            lines.append(f"{paper}: run {rid} ({expected[rid]['run']}) expected but no longer part of the smoke grid")
+            continue
+        if rid not in expected:
+            lines.append(f"{paper}: run {rid} ({got[rid]['run']}) is new; no expected values")
+            continue
+        e, g = expected[rid], got[rid]
+        if e["status"] != g["status"]:
+            lines.append(f"{paper}: run {rid} ({e['run']}) status: expected {e['status']}, got {g['status']}")
+        for m in COMPARED:
+            if len(e[m]) != len(g[m]):
+                lines.append(f"{paper}: run {rid} ({e['run']}) {m}: expected {len(e[m])} rounds, got {len(g[m])}")
+                continue
+            for r, (a, b) in enumerate(zip(e[m], g[m]), start=1):
+                if a != b:
+                    lines.append(f"{paper}: run {rid} ({e['run']}) {m} round {r}: expected {a!r}, got {b!r}")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["check", "update"])
+    ap.add_argument("--results", type=Path, required=True, help="results/runs folder of a smoke-scale build")
+    ap.add_argument("--papers", nargs="*", default=None)
+    args = ap.parse_args(argv)
+    failures = []
+    for paper in args.papers or known_papers():
+        got = collect(paper, args.results)
+        path = EXPECTED_DIR / f"{paper}.json"
+        if args.action == "update":
+            write_json_atomic(path, got)
+            print(f"wrote {path} ({len(got)} runs)")
+        else:
+            failures += diff(paper, json.loads(path.read_text()), got)
+    if failures:
+        print("\n".join(failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
