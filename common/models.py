@@ -71,18 +71,62 @@ def cnn(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[
     return Classifier(feats, c2 * side * side, num_classes)
 
 
+def _bn_block(layer: nn.Module, norm: str, width: int, dims: int) -> list[nn.Module]:
+    """layer, its norm (BatchNorm1d after a linear layer), ReLU."""
+    if norm == "bn" and dims == 1:
+        return [layer, nn.BatchNorm1d(width), nn.ReLU()]
+    if dims == 1 and norm != "none":
+        raise SuiteError(f"norm '{norm}' is not defined after a linear layer; use bn or none")
+    return [layer, norm_layer(norm, width), nn.ReLU()]
+
+
+def digit_cnn(in_channels: int, num_classes: int, norm: str = "bn", channels: tuple[int, int, int] = (64, 64, 128),
+              hidden: tuple[int, int] = (2048, 512), input_size: int = 28) -> Classifier:
+    """FedBN's digits CNN (Li et al. 2021, Appendix): three 5x5 convolutions (64, 64, 128; padding 2) and two
+    hidden linear layers (2048, 512), each followed by BatchNorm and ReLU, max-pooling after the first two
+    convolutions; the head is the last linear layer. `channels`/`hidden` give narrower variants."""
+    c1, c2, c3 = channels
+    h1, h2 = hidden
+    side = input_size // 4
+    feats = nn.Sequential(
+        *_bn_block(nn.Conv2d(in_channels, c1, 5, 1, 2), norm, c1, 2), nn.MaxPool2d(2),
+        *_bn_block(nn.Conv2d(c1, c2, 5, 1, 2), norm, c2, 2), nn.MaxPool2d(2),
+        *_bn_block(nn.Conv2d(c2, c3, 5, 1, 2), norm, c3, 2), nn.Flatten(),
+        *_bn_block(nn.Linear(c3 * side * side, h1), norm, h1, 1),
+        *_bn_block(nn.Linear(h1, h2), norm, h2, 1))
+    return Classifier(feats, h2, num_classes)
+
+
+def alexnet_bn(in_channels: int, num_classes: int, norm: str = "bn") -> Classifier:
+    """AlexNet with BatchNorm after every convolution and hidden linear layer, FedBN's model for
+    Office-Caltech-10 and DomainNet (256x256 inputs; adaptive pooling to 6x6 before the classifier)."""
+    convs = [(in_channels, 64, 11, 4, 2), (64, 192, 5, 1, 2), (192, 384, 3, 1, 1), (384, 256, 3, 1, 1),
+             (256, 256, 3, 1, 1)]
+    layers: list[nn.Module] = []
+    for i, (cin, cout, k, stride, pad) in enumerate(convs):
+        layers += _bn_block(nn.Conv2d(cin, cout, k, stride, pad), norm, cout, 2)
+        if i in (0, 1, 4):
+            layers.append(nn.MaxPool2d(3, 2))
+    layers += [nn.AdaptiveAvgPool2d(6), nn.Flatten(), *_bn_block(nn.Linear(256 * 36, 4096), norm, 4096, 1),
+               *_bn_block(nn.Linear(4096, 4096), norm, 4096, 1)]
+    return Classifier(nn.Sequential(*layers), 4096, num_classes)
+
+
 MODELS = {
     "resnet8": lambda **kw: resnet(8, **kw),
     "resnet20": lambda **kw: resnet(20, **kw),
     "cnn": cnn,
+    "digit_cnn": digit_cnn,
+    "alexnet_bn": alexnet_bn,
 }
 
 
 def build_model(name: str, in_channels: int, num_classes: int, input_size: int, **params) -> Classifier:
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
-    if name == "cnn":
+    if name in ("cnn", "digit_cnn"):
         params = {"input_size": input_size, **params}
-    if "channels" in params:
-        params["channels"] = tuple(params["channels"])
+    for key in ("channels", "hidden"):
+        if key in params:
+            params[key] = tuple(params[key])
     return MODELS[name](in_channels=in_channels, num_classes=num_classes, **params)

@@ -49,7 +49,7 @@ def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: i
     ds_spec = spec["dataset"]
     data = load_dataset(ds_spec["name"], data_root, ds_spec.get("train_limit"), ds_spec.get("test_limit"))
     part = dict(spec["partition"])
-    parts = partition(data.train.y, part.pop("scheme"), seed=spec["seed"], **part)
+    parts = partition(data.train.y, part.pop("scheme"), seed=spec["seed"], domains=data.train.domain, **part)
     overlap = train_test_overlap(data)
 
     def make_model():

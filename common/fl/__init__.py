@@ -1,5 +1,7 @@
 """The federated engine: one training loop; algorithms are configurations of it (see `algorithms.py`)."""
 from common.fl.algorithms import Algorithm, get_algorithm, register_algorithm
 from common.fl.engine import FederatedRun, RunContext, evaluate
+from common.fl.personal import LocalEntries, SingleSet
 
-__all__ = ["Algorithm", "get_algorithm", "register_algorithm", "FederatedRun", "RunContext", "evaluate"]
+__all__ = ["Algorithm", "get_algorithm", "register_algorithm", "FederatedRun", "RunContext", "evaluate",
+           "LocalEntries", "SingleSet"]

@@ -117,10 +117,13 @@ class Algorithm:
 
     # --- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self, run: "FederatedRun", global_state: State) -> dict[str, float]:
-        """Metrics of the new global model; must include test_accuracy and test_loss. Personalised methods
-        override this (e.g. to evaluate each client's own model on its own test data)."""
-        from common.fl.engine import evaluate
+        """Metrics of the new global model; must include test_accuracy and test_loss (on a multi-domain dataset:
+        their means over domains, plus per-domain metrics). Personalised methods override this (e.g. to evaluate
+        each client's own model on its own test data)."""
+        from common.fl.engine import evaluate, evaluate_domains
         run.ctx.model.load_state_dict(global_state)
+        if run.test_domain is not None:
+            return evaluate_domains(run, lambda d: run.ctx.model)
         acc, loss = evaluate(run.ctx.model, run.x_test, run.y_test)
         return {"test_accuracy": acc, "test_loss": loss}
 

@@ -66,6 +66,19 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / len(y), loss / len(y)
 
 
+def evaluate_domains(run: "FederatedRun", model_for_domain) -> dict:
+    """Test metrics per domain of a multi-domain dataset; `model_for_domain(d)` is the model that serves domain d
+    (the global model, or the own model of the client holding d). test_accuracy and test_loss are the means over
+    domains (each domain counts once, whatever its test size); domain_accuracy and domain_loss map each domain's
+    name to its value."""
+    accs, losses = {}, {}
+    for d, name in enumerate(run.ctx.data.domains):
+        mask = run.test_domain == d
+        accs[name], losses[name] = evaluate(model_for_domain(d), run.x_test[mask], run.y_test[mask])
+    return {"test_accuracy": float(np.mean(list(accs.values()))), "test_loss": float(np.mean(list(losses.values()))),
+            "domain_accuracy": accs, "domain_loss": losses}
+
+
 def clone_state(model: torch.nn.Module) -> State:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -83,6 +96,8 @@ class FederatedRun:
         dev = ctx.device
         self.x, self.y = ctx.data.train.x.to(dev), ctx.data.train.y.to(dev)
         self.x_test, self.y_test = ctx.data.test.x.to(dev), ctx.data.test.y.to(dev)
+        domain = ctx.data.test.domain
+        self.test_domain = None if domain is None else domain.to(dev)  # per-domain evaluation when present
 
     def sample_clients(self, round_index: int) -> list[int]:
         n = len(self.ctx.parts)

@@ -1,0 +1,1 @@
+"""FedBN: Federated Learning on Non-IID Features via Local Batch Normalization (Li et al., ICLR 2021)."""
