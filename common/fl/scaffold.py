@@ -1,0 +1,68 @@
+"""SCAFFOLD (Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning").
+
+Clients correct their local gradient with control variates, g_i(y) - c_i + c, which removes the client drift
+that heterogeneous data causes in FedAvg. After K local steps with learning rate eta_l, client i updates its
+control variate with the paper's option II,
+
+    c_i+ = c_i - c + (x - y_i) / (K * eta_l),
+
+and the server moves the model and its own control variate,
+
+    x <- x + server_lr * mean_i(y_i - x),        c <- c + |S|/N * mean_i(c_i+ - c_i).
+
+The model average is the engine's sample-weighted one (the paper's unweighted mean when clients hold equally much
+data); the control-variate average is unweighted, as in the paper. Control variates exist for the trainable
+parameters only; normalisation statistics are averaged like in FedAvg.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common.fl.algorithms import Algorithm, register_algorithm
+
+
+@register_algorithm("scaffold")
+class Scaffold(Algorithm):
+    def __init__(self, server_lr: float = 1.0):
+        super().__init__(server_lr=server_lr)
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.c = [torch.zeros_like(p) for p in self.server_params]  # server control variate
+        self.c_clients: dict[int, list[torch.Tensor]] = {}  # c_i of every client that has trained; absent = 0
+        self.c_deltas: list[list[torch.Tensor]] = []  # c_i+ - c_i of this round's clients
+
+    def client_variate(self, client: int) -> list[torch.Tensor]:
+        return self.c_clients.get(client) or [torch.zeros_like(c) for c in self.c]
+
+    def begin_client(self, model, global_state, client):
+        self.correction = [c - ci for c, ci in zip(self.c, self.client_variate(client))]
+
+    def local_loss(self, model, x, y):
+        ce = F.cross_entropy(model(x), y)
+        # <c - c_i, w> adds c - c_i to the gradient; subtracting its detached value keeps the reported training
+        # loss the plain cross-entropy.
+        linear = sum((d * p).sum() for d, p in zip(self.correction, model.parameters()))
+        return ce + (linear - linear.detach())
+
+    @torch.no_grad()
+    def end_client(self, model, global_state, client, steps):
+        if steps == 0:  # no local step: nothing to learn about this client's gradient
+            return
+        lr = self.ctx.spec["training"]["lr"]
+        old = self.client_variate(client)
+        new = [ci - c + (global_state[name] - p.detach()) / (steps * lr)
+               for ci, c, name, p in zip(old, self.c, self.param_names, model.parameters())]
+        self.c_clients[client] = new
+        self.c_deltas.append([n - o for n, o in zip(new, old)])
+
+    def server_update(self, global_state, client_states, weights, round_index):
+        new_state = super().server_update(global_state, client_states, weights, round_index)
+        n_clients = len(self.ctx.parts)
+        with torch.no_grad():
+            for k, c in enumerate(self.c):
+                # |S|/N * mean over the round's clients = sum / N
+                c += sum(d[k] for d in self.c_deltas) / n_clients
+        self.c_deltas = []
+        return new_state
