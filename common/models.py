@@ -60,6 +60,36 @@ def resnet(depth: int, in_channels: int, num_classes: int, norm: str = "bn", wid
     return Classifier(nn.Sequential(*layers), cin, num_classes)
 
 
+def resnet18(in_channels: int, num_classes: int, norm: str = "bn", width: int = 64) -> Classifier:
+    """ResNet-18 for 32x32 inputs (He et al. 2016's ImageNet layout with a 3x3 stem and no initial max-pool, as
+    usual for CIFAR): four stages of two basic blocks with width, 2x, 4x and 8x channels. With norm='gn' it is
+    the GroupNorm ResNet-18 of Reddi et al. (2021)."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), norm_layer(norm, width), nn.ReLU()]
+    cin = width
+    for stage in range(4):
+        cout = width * 2 ** stage
+        for b in range(2):
+            layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1, norm))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return Classifier(nn.Sequential(*layers), cin, num_classes)
+
+
+def cnn1d(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[int, ...] = (16, 16, 16),
+          input_size: int = 40) -> Classifier:
+    """Small 1-D CNN for sequences such as mnist1d's 40-sample signals: 5-tap convolutions with stride 2 and ReLU,
+    each halving the length. Convolutions matter on mnist1d: its digits are shifted and sheared templates."""
+    if norm != "none":
+        raise SuiteError(f"cnn1d has no normalisation layers; use norm 'none', not '{norm}'")
+    layers: list[nn.Module] = []
+    cin, length = in_channels, input_size
+    for cout in channels:
+        layers += [nn.Conv1d(cin, cout, 5, 2, 2), nn.ReLU()]
+        cin, length = cout, (length + 1) // 2
+    layers.append(nn.Flatten())
+    return Classifier(nn.Sequential(*layers), cin * length, num_classes)
+
+
 def cnn(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[int, int] = (8, 16),
         input_size: int = 28) -> Classifier:
     """Small two-conv CNN (5x5 conv, norm, ReLU, 2x2 max-pool, twice): cheap enough for laptop-CPU federated runs."""
@@ -115,7 +145,9 @@ def alexnet_bn(in_channels: int, num_classes: int, norm: str = "bn") -> Classifi
 MODELS = {
     "resnet8": lambda **kw: resnet(8, **kw),
     "resnet20": lambda **kw: resnet(20, **kw),
+    "resnet18": resnet18,
     "cnn": cnn,
+    "cnn1d": cnn1d,
     "digit_cnn": digit_cnn,
     "alexnet_bn": alexnet_bn,
 }
@@ -124,7 +156,7 @@ MODELS = {
 def build_model(name: str, in_channels: int, num_classes: int, input_size: int, **params) -> Classifier:
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
-    if name in ("cnn", "digit_cnn"):
+    if name in ("cnn", "digit_cnn", "cnn1d"):
         params = {"input_size": input_size, **params}
     for key in ("channels", "hidden"):
         if key in params:

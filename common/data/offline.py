@@ -61,3 +61,29 @@ def digits28(_: Path) -> Dataset:
     tr, te = _stratified_split(y.numpy(), test_per_class=30)
     return Dataset("digits28", Split(x[tr], y[tr]), Split(x[te], y[te]), 10,
                    "scikit-learn 8x8 digits upscaled to 28x28 (20x20 box, as MNIST): 1,497 train / 300 test")
+
+
+@register("mnist1d")
+def mnist1d(_: Path) -> Dataset:
+    """mnist1d (Greydanus 2020): the package's generator with its default arguments (seed 42), 4,000 train / 1,000
+    test signals of length 40, 10 classes; shifted, sheared and noisy 1-D digit templates, harder than MNIST."""
+    def build():
+        import random
+
+        from mnist1d.data import get_dataset_args, make_dataset
+        # make_dataset seeds the global NumPy and `random` generators; leave the caller's streams as they were
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            d = make_dataset(get_dataset_args())
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        return {k: torch.as_tensor(d[k]) for k in ("x", "y", "x_test", "y_test")}
+    raw = cached("mnist1d", "mnist1d", build)
+
+    def split(x, y) -> Split:
+        return Split(x.float().unsqueeze(1).contiguous(), y.long())
+
+    return Dataset("mnist1d", split(raw["x"], raw["y"]), split(raw["x_test"], raw["y_test"]), 10,
+                   "mnist1d (package mnist1d, default arguments): 4,000 train / 1,000 test, 1x40 signals, "
+                   "standardised by the generator")

@@ -16,7 +16,20 @@ CIFAR_SOURCE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 TORCHVISION_CLASSES = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 
 
+# EMNIST's 'byclass' split: 62 classes (digits, upper- and lower-case letters), the EMNIST CR task of Reddi et al.
+EMNIST_SPLIT = "byclass"
+EMNIST_SOURCE = "https://www.nist.gov/itl/products-and-services/emnist-dataset"
+
+
+def _emnist_files(root: Path) -> list[Path]:
+    raw = root / "EMNIST" / "raw"  # torchvision.datasets.EMNIST's layout
+    return [raw / f"emnist-{EMNIST_SPLIT}-{part}-{kind}-ubyte" for part in ("train", "test")
+            for kind in ("images-idx3", "labels-idx1")]
+
+
 def missing_files(name: str, root: Path) -> list[str]:
+    if name == "emnist":
+        return [str(f) for f in _emnist_files(root) if not f.is_file()]
     cls = TORCHVISION_CLASSES.get(name)
     if cls is None:
         return []
@@ -56,3 +69,28 @@ def cifar10(root: Path) -> Dataset:
 @register("cifar100")
 def cifar100(root: Path) -> Dataset:
     return _load_cifar(datasets.CIFAR100, root, "cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+@register("emnist")
+def emnist(root: Path) -> Dataset:
+    missing = missing_files("emnist", root)
+    if missing:
+        raise DatasetMissing(
+            f"emnist is not in data_root '{root}': missing {', '.join(missing)}. Obtain it with "
+            f"`python -c \"import torchvision; torchvision.datasets.EMNIST('{root}', split='{EMNIST_SPLIT}', "
+            f"download=True)\"` on a machine with internet access, or unpack the gzip files from {EMNIST_SOURCE} "
+            f"into '{root / 'EMNIST' / 'raw'}'.")
+    try:
+        train, test = (datasets.EMNIST(str(root), split=EMNIST_SPLIT, train=t) for t in (True, False))
+    except (RuntimeError, ValueError, AssertionError) as e:  # torchvision asserts on a malformed IDX header
+        raise DatasetCorrupt(f"emnist in '{root / 'EMNIST' / 'raw'}' could not be read ({e}); re-download the files "
+                             f"listed in torchvision.datasets.EMNIST") from None
+
+    def to_split(ds) -> Split:
+        # EMNIST's files store each image transposed; turn it upright, as MNIST
+        x = ds.data.transpose(1, 2).unsqueeze(1).float() / 255.0
+        return Split(x.contiguous(), ds.targets.to(torch.int64))
+
+    return Dataset("emnist", to_split(train), to_split(test), len(datasets.EMNIST.classes_split_dict[EMNIST_SPLIT]),
+                   f"EMNIST {EMNIST_SPLIT} from {root / 'EMNIST' / 'raw'} (torchvision format), 28x28x1, "
+                   f"values in [0, 1]")
