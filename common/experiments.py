@@ -22,7 +22,7 @@ from common.results import run_id
 REPO = Path(__file__).resolve().parent.parent
 PAPERS_DIR = REPO / "papers"
 SCHEMA_DIR = REPO / "config"
-EVAL_KEYS = ("target",)  # cell keys that parameterise the metric, not the run
+EVAL_KEYS = ("target", "domain")  # cell keys that parameterise the metric, not the run
 
 
 def known_papers() -> list[str]:

@@ -42,7 +42,7 @@ def git_commit() -> str:
 def provenance(device: str, threads: int) -> dict:
     import torch
     versions = {}
-    for pkg in ("torch", "torchvision", "numpy", "scikit-learn", "mlxtend", "snakemake"):
+    for pkg in ("torch", "torchvision", "numpy", "scikit-learn", "mlxtend", "scikit-image", "pillow", "snakemake"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -101,3 +101,43 @@ def test_every_claim_holds_on_the_papers_own_numbers(paper):
                 for j, v in enumerate(row) if paper_value(v).available}
         verdict = check_claim(claim["check"], vals, rows, cols, t.get("lower_is_better", False))
         assert verdict.holds is True, (claim["id"], verdict.evidence)
+
+
+def test_largest_advantage_at():
+    cols = ["x", "y", "z"]
+    vals = {("A", "x"): 70, ("B", "x"): 60, ("C", "x"): 62,   # advantage of A: 10 and 8 at x
+            ("A", "y"): 90, ("B", "y"): 88, ("C", "y"): 89,   # 2 and 1 at y
+            ("A", "z"): 50, ("B", "z"): 45, ("C", "z"): 30}   # 5 and 20 at z: mean 12.5, the largest
+    chk = {"kind": "largest_advantage_at", "table": "t", "pairs": [["A", "B"], ["A", "C"]], "column": "z"}
+    ok = check_claim(chk, vals, ROWS, cols, False)
+    assert ok.holds is True and "12.5" in ok.evidence and "at x" in ok.evidence
+    assert check_claim({**chk, "column": "x"}, vals, ROWS, cols, False).holds is False
+    # with lower-is-better the advantages change sign: the smallest difference (at y) is the largest advantage
+    assert check_claim({**chk, "column": "y"}, vals, ROWS, cols, True).holds is True
+    assert check_claim({**chk, "column": "z"}, {k: v for k, v in vals.items() if k[1] == "z"}, ROWS, cols,
+                       False).holds is None
+
+
+def test_all_of_combines_checks():
+    vals = table(Ax=1, Ay=2, Bx=3, By=4)
+    good = {"kind": "better_in_every_cell", "pairs": [["A", "B"]]}
+    bad = {"kind": "better_in_every_cell", "pairs": [["B", "A"]]}
+    missing = {"kind": "better_in_every_cell", "pairs": [["A", "C"]]}
+    both = check_claim({"kind": "all_of", "table": "t", "checks": [good, good]}, vals, ROWS, COLS, True)
+    assert both.holds is True and both.evidence.count("✅") == 2
+    assert check_claim({"kind": "all_of", "table": "t", "checks": [good, bad]}, vals, ROWS, COLS, True).holds is False
+    assert check_claim({"kind": "all_of", "table": "t", "checks": [good, missing]}, vals, ROWS, COLS, True).holds \
+        is None
+    assert check_claim({"kind": "all_of", "table": "t", "checks": [bad, missing]}, vals, ROWS, COLS, True).holds \
+        is False
+    with pytest.raises(SuiteError, match="unknown rows/columns: Z"):
+        check_claim({"kind": "all_of", "table": "t", "checks": [{"kind": "better_in_every_cell",
+                                                                 "pairs": [["A", "Z"]]}]}, vals, ROWS, COLS, True)
+
+
+def test_domain_accuracy_cell_reads_the_last_round():
+    res = {"status": "completed", "metrics": {"domain_accuracy": [{"SVHN": 0.2, "USPS": 0.5},
+                                                                  {"SVHN": 0.4, "USPS": 0.9}]}}
+    other = {"status": "completed", "metrics": {"domain_accuracy": [{"SVHN": 0.6, "USPS": 0.9}]}}
+    v = cell_value([res, other], "domain_accuracy", {"domain": "SVHN"})
+    assert v.mean == pytest.approx(50.0) and v.n == 2

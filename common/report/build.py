@@ -16,7 +16,7 @@ from common.errors import SuiteError
 from common.experiments import load_paper, scale_config, table_cells
 from common.report.claims import check_claim
 from common.report.metrics import CellValue, cell_value, paper_value, within_tolerance
-from common.report.plots import accuracy_per_round
+from common.report.plots import accuracy_per_round, curves, sample_grid
 from common.results import git_commit, write_text_atomic
 
 SCALE_NOTE = {
@@ -54,8 +54,8 @@ def _decimals(table: dict) -> int:
 
 
 class ReportBuilder:
-    def __init__(self, paper_name: str, scale: str, results_dir: Path, seeds=None):
-        self.name, self.scale = paper_name, scale
+    def __init__(self, paper_name: str, scale: str, results_dir: Path, seeds=None, data_root: str | Path = "data"):
+        self.name, self.scale, self.data_root = paper_name, scale, data_root
         self.paper = load_paper(paper_name)
         self.sc = scale_config(self.paper, scale)
         self.cells = {t: table_cells(self.paper, t, scale, seeds) for t in self.paper["tables"]}
@@ -146,6 +146,9 @@ class ReportBuilder:
     def plots_section(self, figures_dir: Path, report_dir: Path) -> str:
         out = []
         for plot in self.paper.get("plots", []):
+            if plot.get("kind") == "curves":
+                out += self._curves_plot(plot, figures_dir, report_dir)
+                continue
             t = self.paper["tables"][plot["table"]]
             rows, cols = self.labels(plot["table"])
             panels = []
@@ -169,6 +172,52 @@ class ReportBuilder:
                     "Mean over seeds; the dashed line is the target accuracy." if t["metric"] == "rounds_to_target"
                     else "Mean over seeds.", ""]
         return "\n".join(["## Plots", "", *out]) if out else ""
+
+    def _curves_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
+        """Per-round metrics of every (row, column) cell of a table, one panel per metric."""
+        rows, cols = self.labels(plot["table"])
+        by_epochs = plot.get("x", "rounds") == "epochs"
+        series = []
+        for col in plot["column"] if isinstance(plot["column"], list) else [plot["column"]]:
+            for label in plot["rows"]:
+                cell = self.cells[plot["table"]][rows.index(label)][cols.index(col)]
+                if cell.specs:
+                    step = cell.specs[0]["training"]["local_epochs"] if by_epochs else 1
+                    series.append((label, col, [self.results[r] for r in cell.run_ids], step))
+        if not series:
+            return []
+        path = figures_dir / f"{self.name}_{plot['name']}.png"
+        metrics = plot.get("metrics", ["test_accuracy"])
+        curves(metrics, series, f"{plot['title']} — {self.scale} scale", path,
+               "local epochs (rounds x E)" if by_epochs else "communication round")
+        rel = Path(os.path.relpath(path, report_dir))
+        return [f"### {plot['title']}", "", f"![{plot['title']}]({rel.as_posix()})", "",
+                "Mean over seeds" + (", against local epochs (rounds x E), the paper's axis." if by_epochs else "."),
+                ""]
+
+    def samples_section(self, figures_dir: Path, report_dir: Path) -> str:
+        """Sample test images of the scale's dataset (paper.yaml `samples`): a row per domain, one per class."""
+        spec = self.paper.get("samples")
+        if not spec:
+            return ""
+        from common.data import load_dataset
+        ds = load_dataset(self.sc["base"]["dataset"]["name"], self.data_root)
+        test = ds.test
+        names = ds.domains or ("",)
+        domain = test.domain if test.domain is not None else test.y.new_zeros(len(test))
+        grid = []
+        for d in range(len(names)):
+            row = []
+            for c in range(ds.num_classes):
+                idx = ((domain == d) & (test.y == c)).nonzero().flatten()
+                row.append(test.x[idx[0]] if len(idx) else None)
+            grid.append(row)
+        path = figures_dir / f"{self.name}_{spec['name']}.png"
+        sample_grid(grid, list(names), [str(c) for c in range(ds.num_classes)], f"{spec['title']} — {self.scale} scale",
+                    path)
+        rel = Path(os.path.relpath(path, report_dir))
+        return "\n".join([f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
+                          f"The first test image of each class. Dataset: {ds.description}.", ""])
 
     def scale_section(self) -> str:
         out = ["## How this scale differs from the paper's setting", ""]
@@ -202,7 +251,8 @@ class ReportBuilder:
                f"- Device: {prov.get('device')} ({prov.get('processor')}, {prov.get('threads')} thread(s) per run), "
                f"{prov.get('platform')}.",
                f"- Data sanity: test samples also found in a training split, summed over runs: {leaks}; every "
-               f"partition assigns each training sample to exactly one client (checked at run time).",
+               f"partition assigns each training sample to at most one client, and to exactly one unless it keeps "
+               f"only a share of each domain (checked at run time).",
                "", "<details><summary>Runs used by this report (run id = hash of the resolved config)</summary>", "",
                _md_table(["run", "method", "data", "partition", "model", "C", "E", "rounds", "seed", "status",
                           "data fingerprint", "partition fingerprint", "wall (s)"],
@@ -234,7 +284,8 @@ class ReportBuilder:
     def build(self, out: Path, figures_dir: Path) -> None:
         t0 = time.perf_counter()
         parts = [self.header(), *(self.table_section(t) for t in self.paper["tables"]), self.claims_section(),
-                 self.plots_section(figures_dir, out.parent), self.scale_section()]
+                 self.plots_section(figures_dir, out.parent), self.samples_section(figures_dir, out.parent),
+                 self.scale_section()]
         parts += [self.provenance_section(time.perf_counter() - t0), self.cite_section()]
         write_text_atomic(out, "\n\n".join(p for p in parts if p) + "\n")
 
@@ -247,9 +298,10 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, default=Path("results/runs"))
     ap.add_argument("--out", type=Path)
     ap.add_argument("--figures", type=Path, default=Path("reports/figures"))
+    ap.add_argument("--data-root", default="data", help="where paper-scale datasets live (for sample figures)")
     args = ap.parse_args(argv)
     try:
-        ReportBuilder(args.paper, args.scale, args.results, args.seeds or None).build(
+        ReportBuilder(args.paper, args.scale, args.results, args.seeds or None, args.data_root).build(
             args.out or Path("reports") / f"{args.paper}.md", args.figures)
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -50,15 +50,18 @@ def better_in_every_cell(values: Table, table_rows: list[str], table_cols: list[
     return Verdict(True, f"holds in all {checked} comparisons")
 
 
+def _mean_advantage(values: Table, pairs, columns, lower_is_better: bool) -> tuple[float | None, int]:
+    """Mean advantage of row a over row b, over the pairs [a, b] and columns where both are available."""
+    advs = [(values[b, c] - values[a, c]) if lower_is_better else (values[a, c] - values[b, c])
+            for a, b in pairs for c in columns if (a, c) in values and (b, c) in values]
+    return (sum(advs) / len(advs), len(advs)) if advs else (None, 0)
+
+
 def advantage_grows(values: Table, table_rows, table_cols, lower_is_better: bool, *, pairs, from_columns,
                     to_columns) -> Verdict:
     """Mean advantage of a over b (over pairs and columns) is larger on `to_columns` than on `from_columns`."""
-    def mean_adv(columns):
-        advs = [(values[b, c] - values[a, c]) if lower_is_better else (values[a, c] - values[b, c])
-                for a, b in pairs for c in columns if (a, c) in values and (b, c) in values]
-        return (sum(advs) / len(advs), len(advs)) if advs else (None, 0)
-    start, n_start = mean_adv(from_columns)
-    end, n_end = mean_adv(to_columns)
+    start, n_start = _mean_advantage(values, pairs, from_columns, lower_is_better)
+    end, n_end = _mean_advantage(values, pairs, to_columns, lower_is_better)
     if start is None or end is None:
         return Verdict(None, "no cell of this claim is run at this scale")
     text = (f"mean advantage {_fmt(end)} on {', '.join(to_columns)} ({n_end} comparisons) vs "
@@ -98,11 +101,37 @@ def worst_in_row(values, table_rows, table_cols, lower_is_better, *, column, row
     return _extreme_in_row(values, table_rows, table_cols, lower_is_better, column, False, rows)
 
 
+def largest_advantage_at(values: Table, table_rows, table_cols, lower_is_better: bool, *, pairs, column,
+                         columns=None) -> Verdict:
+    """The mean advantage of a over b (over the pairs) is larger at `column` than at any other column."""
+    advs = {c: _mean_advantage(values, pairs, [c], lower_is_better)[0] for c in columns or table_cols}
+    advs = {c: a for c, a in advs.items() if a is not None}
+    others = {c: a for c, a in advs.items() if c != column}
+    if column not in advs or not others:
+        return Verdict(None, "no cell of this claim is run at this scale")
+    rival = max(others, key=others.get)
+    return Verdict(advs[column] > others[rival], f"mean advantage {_fmt(advs[column])} at {column}, "
+                                                 f"largest elsewhere {_fmt(others[rival])} at {rival}")
+
+
+def all_of(verdicts: list[Verdict]) -> Verdict:
+    """A claim made of several checks holds when each does; it is not evaluable when one is not (and none fails)."""
+    if any(v.holds is False for v in verdicts):
+        holds = False
+    else:
+        holds = None if any(v.holds is None for v in verdicts) else True
+    return Verdict(holds, "; ".join(f"{v.mark} {v.evidence}" for v in verdicts))
+
+
 KINDS = {"better_in_every_cell": better_in_every_cell, "advantage_grows": advantage_grows,
-         "best_in_row": best_in_row, "worst_in_row": worst_in_row}
+         "best_in_row": best_in_row, "worst_in_row": worst_in_row, "largest_advantage_at": largest_advantage_at}
 
 
 def check_claim(check: dict, values: Table, rows: list[str], cols: list[str], lower_is_better: bool) -> Verdict:
+    """Evaluate one check; kind `all_of` combines the checks listed under `checks` (on the same table)."""
+    if check["kind"] == "all_of":
+        return all_of([check_claim({**sub, "table": check["table"]}, values, rows, cols, lower_is_better)
+                       for sub in check["checks"]])
     params = {k: v for k, v in check.items() if k not in ("kind", "table")}
     labels = set(rows) | set(cols)
     named = [x for p in params.get("pairs", []) for x in p] + params.get("from_columns", []) + \

@@ -24,7 +24,20 @@ def best_accuracy(result: dict) -> tuple[float, bool]:
     return 100.0 * max(result["metrics"]["test_accuracy"]), False
 
 
-METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy}
+def domain_accuracy(result: dict, domain: str) -> tuple[float, bool]:
+    """Test accuracy (%) on one domain after the last round, as logged by a run on a multi-domain dataset (the
+    global model, or the own model of the client holding the domain for personalised methods)."""
+    per_round = result["metrics"].get("domain_accuracy")
+    if not per_round:
+        raise ValueError(f"run {result.get('run_id', '?')} logged no per-domain accuracy; its dataset has no domains")
+    last = per_round[-1]
+    if domain not in last:
+        raise ValueError(f"run {result.get('run_id', '?')} has no domain '{domain}'; it has {', '.join(last)}")
+    return 100.0 * last[domain], False
+
+
+METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy,
+           "domain_accuracy": domain_accuracy}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ rule report:
         "reports/{paper}.md",
     params:
         seeds=f"--seeds {' '.join(map(str, SEEDS))}" if SEEDS else "",
+        data_root=config["data_root"],
     localrule: True
     shell:
         "{PYTHON} -m common.report.build {wildcards.paper} --scale {SCALE} {params.seeds} "
-        "--results results/runs --out {output} --figures reports/figures"
+        "--results results/runs --out {output} --figures reports/figures --data-root {params.data_root}"
