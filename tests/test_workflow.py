@@ -52,7 +52,7 @@ def test_smoke_report_is_built_from_every_run(smoke_builds, paper):
     for claim in meta["claims"]:
         line = next(l for l in claims.splitlines() if l.startswith(f"| {claim['text']}"))
         assert re.match(r"\s*(✅|❌|➖) ", line.split("|")[-2]), line
-    for plot in meta.get("plots", []):
+    for plot in meta.get("plots", []) + ([meta["samples"]] if "samples" in meta else []):
         assert (d / "reports" / "figures" / f"{paper}_{plot['name']}.png").stat().st_size > 10_000
     for rid in runs:
         assert (d / "results" / "benchmarks" / f"{rid}.tsv").is_file()
@@ -98,7 +98,8 @@ def test_up_to_date_workflow_reruns_nothing(smoke_builds):
 def test_unknown_paper_is_one_clear_error(tmp_path):
     proc = snakemake(tmp_path, "-n", "reports/nope.md")
     assert proc.returncode != 0
-    assert "unknown paper 'nope'; known papers: feddf" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "unknown paper 'nope'; known papers: " in out and "feddf" in out
 
 
 def test_unknown_scale_is_one_clear_error(tmp_path):
@@ -108,10 +109,16 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
     assert "'huge' is not one of ['smoke', 'mini', 'paper']" in out
 
 
-def test_missing_paper_scale_data_is_one_clear_error(tmp_path):
-    proc = snakemake(tmp_path, "-n", "reports/feddf.md", "--config", "scale=paper", f"data_root={tmp_path / 'none'}")
+@pytest.mark.parametrize("paper,expected_files", [
+    ("feddf", ["cifar-10-batches-py/data_batch_1", "cifar-100-python/train"]),
+    ("fedbn", ["MNIST_M/partitions/train_part0.pkl", "office_caltech_10/amazon/back_pack/",
+               "domainnet/sketch/zebra/"]),
+])
+def test_missing_paper_scale_data_is_one_clear_error(tmp_path, paper, expected_files):
+    proc = snakemake(tmp_path, "-n", f"reports/{paper}.md", "--config", "scale=paper",
+                     f"data_root={tmp_path / 'none'}")
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "paper scale needs dataset files that are not in data_root" in out
-    assert "cifar-10-batches-py/data_batch_1" in out and "cifar-100-python/train" in out
+    assert all(f in out for f in expected_files), out[-2000:]
     assert not (tmp_path / "results").exists()
