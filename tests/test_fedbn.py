@@ -181,3 +181,25 @@ def test_alexnet_bn_shapes():
     assert model(torch.randn(1, 3, 256, 256)).shape == (1, 10)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 5
     assert sum(isinstance(m, nn.BatchNorm1d) for m in model.modules()) == 2
+
+
+def test_fedbn_resumes_with_each_clients_batchnorm(tmp_path):
+    """A crash after round one and a restart from the checkpoint end bit-identical to an uninterrupted run:
+    the clients' own BatchNorm entries are part of the checkpoint."""
+    class Crash(Exception):
+        pass
+
+    class CrashingFedBN(FedBN):
+        def server_update(self, global_state, client_states, weights, round_index):
+            if round_index == 1:
+                raise Crash
+            return super().server_update(global_state, client_states, weights, round_index)
+
+    whole = FederatedRun(make_ctx({"name": "fedbn"}, rounds=3), FedBN()).train(progress=False)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Crash):
+        FederatedRun(make_ctx({"name": "fedbn"}, rounds=3), CrashingFedBN()).train(progress=False, checkpoint=ckpt)
+    resumed = FederatedRun(make_ctx({"name": "fedbn"}, rounds=3), FedBN()).train(progress=False, checkpoint=ckpt)
+    assert resumed.resumed_at == [1]
+    assert resumed.test_accuracy == whole.test_accuracy and resumed.train_loss == whole.train_loss
+    assert resumed.extra["domain_accuracy"] == whole.extra["domain_accuracy"]
