@@ -4,6 +4,13 @@ A table cell is described in the paper's own terms (`set:` with the paper's valu
 A scale turns that into a concrete run: it supplies the base spec, translates paper values to the values used
 at this scale (`translate:`; null = not run at this scale) and overrides method hyper-parameters. Each resolved
 spec plus a seed is one run, named by the hash of its spec (`common.results.run_id`).
+
+Two further ways to describe cells, for papers that compare methods over several tasks and tuned hyper-parameters:
+- `task: <name>` in a cell's settings names a bundle of settings (data, partition, model, schedule) that each scale
+  defines under `tasks:` (null = not run at this scale); the bundle's values are already the scale's own.
+- `grid:` on a table ({dotted key: [values]}, replaced per scale by `grids: {<table>: ...}`) makes every cell a
+  set of grid points, one run per point and seed; the report shows the best point. A `method.*` axis applies only
+  to the methods that list that hyper-parameter.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from common.results import run_id
 REPO = Path(__file__).resolve().parent.parent
 PAPERS_DIR = REPO / "papers"
 SCHEMA_DIR = REPO / "config"
-EVAL_KEYS = ("target", "domain")  # cell keys that parameterise the metric, not the run
+EVAL_KEYS = ("target", "domain", "last_rounds")  # cell keys that parameterise the metric, not the run
 
 
 def known_papers() -> list[str]:
@@ -72,13 +79,24 @@ def _check_tables(paper: str, data: dict) -> None:
 
 
 @dataclass(frozen=True)
+class GridPoint:
+    settings: tuple  # ((dotted key, value), ...) in the grid's axis order
+    specs: tuple  # resolved spec per seed
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [run_id(s) for s in self.specs]
+
+
+@dataclass(frozen=True)
 class Cell:
     table: str
     row: int
     col: int
-    specs: tuple  # resolved spec per seed; empty when not run at this scale
+    specs: tuple  # resolved spec per seed (and grid point); empty when not run at this scale
     eval_args: tuple  # ((key, value), ...) for the metric
     skipped: str = ""  # why the cell is not run at this scale
+    points: tuple = ()  # GridPoints when the table has a grid; empty otherwise
 
     @property
     def run_ids(self) -> list[str]:
@@ -109,14 +127,26 @@ def scale_config(paper: dict, scale: str) -> dict:
     return paper["scales"][scale]
 
 
+def table_grid(paper: dict, table: str, scale: str) -> dict[str, list]:
+    """The grid of a table at a scale ({dotted key: values}); empty for a table without one."""
+    return scale_config(paper, scale).get("grids", {}).get(table, paper["tables"][table].get("grid", {}))
+
+
 def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds: list[int] | None = None) -> Cell:
     t = paper["tables"][table]
     sc = scale_config(paper, scale)
+    where = (f"papers/{paper['id']}/paper.yaml (table {table}, row '{t['rows'][row]['label']}', "
+             f"column '{t['columns'][col]['label']}', scale {scale})")
     settings = {**t.get("set", {}), **t["columns"][col].get("set", {}), **t["rows"][row].get("set", {})}
     label = settings.pop("method")
+    task = settings.pop("task", None)
     method = _deep_merge(paper["methods"][label], sc.get("methods", {}).get(label, {}))
-    # a method hyper-parameter given per cell applies only to the methods that have it
-    settings = {k: v for k, v in settings.items() if not k.startswith("method.") or k[len("method."):] in method}
+
+    def applies(key: str) -> bool:
+        """A method hyper-parameter given per cell (or grid axis) applies only to the methods that have it."""
+        return not key.startswith("method.") or key[len("method."):] in method
+
+    settings = {k: v for k, v in settings.items() if applies(k)}
     translate = sc.get("translate", {})
     for key, value in list(settings.items()):
         mapping = translate.get(key, {})
@@ -124,16 +154,30 @@ def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds:
             if mapping[value] is None:
                 return Cell(table, row, col, (), (), skipped=f"{key}={value} has no analog at scale '{scale}'")
             settings[key] = mapping[value]
+    if task is not None:
+        tasks = sc.get("tasks", {})
+        if task not in tasks:
+            raise SuiteError(f"{where}: task '{task}' is not defined under the scale's 'tasks' "
+                             f"({', '.join(tasks) or 'none'})")
+        if tasks[task] is None:
+            return Cell(table, row, col, (), (), skipped=f"task {task} has no analog at scale '{scale}'")
+        settings.update(tasks[task])
     spec = copy.deepcopy(sc["base"])
     spec["method"] = method
     eval_args = {k: settings.pop(k) for k in EVAL_KEYS if k in settings}
     for key, value in settings.items():
         _set_dotted(spec, key, value)
-    validate({**spec, "seed": 0}, "run.schema.yaml", f"papers/{paper['id']}/paper.yaml (table {table}, "
-             f"row '{t['rows'][row]['label']}', column '{t['columns'][col]['label']}', scale {scale})")
     seeds = sc["seeds"] if seeds is None else seeds
-    specs = tuple({**spec, "seed": int(s)} for s in seeds)
-    return Cell(table, row, col, specs, tuple(sorted(eval_args.items())))
+    axes = {k: v for k, v in table_grid(paper, table, scale).items() if applies(k)}
+    points = []
+    for values in itertools.product(*axes.values()):
+        point = copy.deepcopy(spec)
+        for key, value in zip(axes, values):
+            _set_dotted(point, key, value)
+        validate({**point, "seed": 0}, "run.schema.yaml", where)
+        points.append(GridPoint(tuple(zip(axes, values)), tuple({**point, "seed": int(s)} for s in seeds)))
+    specs = tuple(s for p in points for s in p.specs)
+    return Cell(table, row, col, specs, tuple(sorted(eval_args.items())), points=tuple(points) if axes else ())
 
 
 def table_cells(paper: dict, table: str, scale: str, seeds=None) -> list[list[Cell]]:

@@ -13,10 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common.errors import SuiteError
-from common.experiments import load_paper, scale_config, table_cells
+from common.experiments import Cell, load_paper, scale_config, table_cells, table_grid
 from common.report.claims import check_claim
-from common.report.metrics import CellValue, cell_value, paper_value, within_tolerance
-from common.report.plots import accuracy_per_round, curves, sample_grid
+from common.report.metrics import CellValue, best_of, cell_value, paper_value, within_tolerance
+from common.report.plots import accuracy_per_round, curves, grid_heatmaps, sample_grid
 from common.results import git_commit, write_text_atomic
 
 SCALE_NOTE = {
@@ -49,6 +49,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _g(value) -> str:
+    """A grid value as written in paper.yaml: numbers in their shortest form."""
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _decimals(table: dict) -> int:
     return 0 if table["metric"] == "rounds_to_target" else 2
 
@@ -63,18 +68,48 @@ class ReportBuilder:
         self.results = load_results(sorted(ids), results_dir)
 
     # --- numbers ---------------------------------------------------------------------------------------------
+    def point_values(self, table: str, cell: Cell) -> list[tuple[dict, CellValue]]:
+        """(settings, value) of every grid point of a cell of a table with a grid."""
+        metric = self.paper["tables"][table]["metric"]
+        return [(dict(p.settings), cell_value([self.results[r] for r in p.run_ids], metric, cell.eval))
+                for p in cell.points]
+
+    def best_point(self, table: str, cell: Cell):
+        """The cell's grid point with the best value; None when every point diverged."""
+        values = [v for _, v in self.point_values(table, cell)]
+        i = best_of(values, self.paper["tables"][table].get("lower_is_better", False))
+        return None if i is None else cell.points[i]
+
+    def cell_run_ids(self, table: str, cell: Cell) -> list[str]:
+        """The runs a cell's value is computed from: all of them, or the best grid point's in a table with a grid."""
+        if not cell.points:
+            return cell.run_ids
+        best = self.best_point(table, cell)
+        return best.run_ids if best else []
+
     def ours(self, table: str) -> list[list[CellValue]]:
         t = self.paper["tables"][table]
         grid = []
         for row in self.cells[table]:
             out = []
             for cell in row:
+                ids = self.cell_run_ids(table, cell)
                 if not cell.specs:
                     out.append(CellValue(None, note="not run at this scale"))
+                elif not ids:
+                    out.append(CellValue(None, n=len(cell.points), diverged=len(cell.points)))
                 else:
-                    out.append(cell_value([self.results[r] for r in cell.run_ids], t["metric"], cell.eval))
+                    out.append(cell_value([self.results[r] for r in ids], t["metric"], cell.eval))
             grid.append(out)
         return grid
+
+    def grids(self, table: str) -> dict | None:
+        """(row, column) -> [(settings, mean or None), ...] over every grid point; None for a table without grid."""
+        if not table_grid(self.paper, table, self.scale):
+            return None
+        rows, cols = self.labels(table)
+        return {(rows[i], cols[j]): [(s, v.mean if v.available else None) for s, v in self.point_values(table, cell)]
+                for i, row in enumerate(self.cells[table]) for j, cell in enumerate(row) if cell.points}
 
     def theirs(self, table: str) -> list[list[CellValue]]:
         return [[paper_value(v) for v in row] for row in self.paper["tables"][table]["paper"]]
@@ -115,7 +150,26 @@ class ReportBuilder:
                      for ro, rp in zip(ours, theirs)]
             out += [f"**Reproduced within tolerance {tol}**", "", _md_table([""] + cols, [[r] + m for r, m in
                                                                                           zip(rows, marks)]), ""]
+        out += self._best_points(table)
         return "\n".join(out)
+
+    def _best_points(self, table: str) -> list[str]:
+        """For a table with a grid: the grid at this scale and the grid point behind each of our cells."""
+        grid = table_grid(self.paper, table, self.scale)
+        if not grid:
+            return []
+        rows, cols = self.labels(table)
+
+        def best(cell: Cell) -> str:
+            if not cell.specs:
+                return "—"
+            point = self.best_point(table, cell)
+            return "all diverged" if point is None else ", ".join(f"{k}={_g(v)}" for k, v in point.settings)
+
+        axes = "; ".join(f"`{k}` ∈ {{{', '.join(_g(v) for v in values)}}}" for k, values in grid.items())
+        return [f"**Best grid point per cell (ours)** — grid at this scale: {axes}. Each cell above is its best point; "
+                f"a `method.*` axis applies only to the methods that have that hyper-parameter.", "",
+                _md_table([""] + cols, [[r] + [best(c) for c in row] for r, row in zip(rows, self.cells[table])]), ""]
 
     def _targets(self, table: str) -> str:
         t = self.paper["tables"][table]
@@ -136,7 +190,8 @@ class ReportBuilder:
             r, c = self.labels(chk["table"])
             lower = t.get("lower_is_better", False)
             on_paper = check_claim(chk, self.as_values(chk["table"], self.theirs(chk["table"])), r, c, lower)
-            on_ours = check_claim(chk, self.as_values(chk["table"], self.ours(chk["table"])), r, c, lower)
+            on_ours = check_claim(chk, self.as_values(chk["table"], self.ours(chk["table"])), r, c, lower,
+                                  self.grids(chk["table"]))
             rows.append([claim["text"], claim["source"], f"{on_paper.mark}", f"{on_ours.mark} {on_ours.evidence}"])
         intro = ("Each claim is evaluated by the check written in `paper.yaml` (kind and cells), on the paper's own "
                  "numbers (a test of the check itself) and on ours. ✅ holds, ❌ does not hold, ➖ not evaluable at "
@@ -149,6 +204,9 @@ class ReportBuilder:
             if plot.get("kind") == "curves":
                 out += self._curves_plot(plot, figures_dir, report_dir)
                 continue
+            if plot.get("kind") == "grid_heatmap":
+                out += self._heatmap_plot(plot, figures_dir, report_dir)
+                continue
             t = self.paper["tables"][plot["table"]]
             rows, cols = self.labels(plot["table"])
             panels = []
@@ -156,9 +214,9 @@ class ReportBuilder:
                 j = cols.index(col)
                 series = []
                 for label in plot["rows"]:
-                    cell = self.cells[plot["table"]][rows.index(label)][j]
-                    if cell.specs:
-                        series.append((label, [self.results[r] for r in cell.run_ids]))
+                    ids = self.cell_run_ids(plot["table"], self.cells[plot["table"]][rows.index(label)][j])
+                    if ids:
+                        series.append((label, [self.results[r] for r in ids]))
                 target = next((self.cells[plot["table"]][i][j].eval.get("target") for i in range(len(rows))
                                if self.cells[plot["table"]][i][j].specs), None)
                 if series:
@@ -170,7 +228,8 @@ class ReportBuilder:
             rel = Path(os.path.relpath(path, report_dir))
             out += [f"### {plot['title']}", "", f"![{plot['title']}]({rel.as_posix()})", "",
                     "Mean over seeds; the dashed line is the target accuracy." if t["metric"] == "rounds_to_target"
-                    else "Mean over seeds.", ""]
+                    else "Mean over seeds" + (", at each cell's best grid point." if self.cells[plot["table"]][0][0]
+                                              .points else "."), ""]
         return "\n".join(["## Plots", "", *out]) if out else ""
 
     def _curves_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
@@ -181,9 +240,10 @@ class ReportBuilder:
         for col in plot["column"] if isinstance(plot["column"], list) else [plot["column"]]:
             for label in plot["rows"]:
                 cell = self.cells[plot["table"]][rows.index(label)][cols.index(col)]
-                if cell.specs:
+                ids = self.cell_run_ids(plot["table"], cell)
+                if ids:
                     step = cell.specs[0]["training"]["local_epochs"] if by_epochs else 1
-                    series.append((label, col, [self.results[r] for r in cell.run_ids], step))
+                    series.append((label, col, [self.results[r] for r in ids], step))
         if not series:
             return []
         path = figures_dir / f"{self.name}_{plot['name']}.png"
@@ -194,6 +254,43 @@ class ReportBuilder:
         return [f"### {plot['title']}", "", f"![{plot['title']}]({rel.as_posix()})", "",
                 "Mean over seeds" + (", against local epochs (rounds x E), the paper's axis." if by_epochs else "."),
                 ""]
+
+    def _heatmap_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
+        """A table with a grid of at most two axes: a heat map per cell, a figure row per column of the table."""
+        table = plot["table"]
+        t = self.paper["tables"][table]
+        grid = table_grid(self.paper, table, self.scale)
+        if not 1 <= len(grid) <= 2:
+            raise SuiteError(f"plot '{plot['name']}': a grid_heatmap needs a table with a grid of one or two axes")
+        x_key, y_key = (*grid, None)[:2]
+        rows, cols = self.labels(table)
+        panels, shown = [], []
+        for col in plot["column"] if isinstance(plot["column"], list) else [plot["column"]]:
+            line = []
+            for label in plot["rows"]:
+                cell = self.cells[table][rows.index(label)][cols.index(col)]
+                if not cell.points:
+                    line.append(None)
+                    continue
+                values = {tuple(s.get(k) for k in (x_key, y_key)): v for s, v in self.point_values(table, cell)}
+                swept = dict(cell.points[0].settings)
+                # an axis the cell's method does not have is drawn as one "not swept" line
+                xs, ys = ([*grid[k]] if k in swept else [None] for k in (x_key, y_key))
+                line.append({"x_label": x_key if xs != [None] else f"{x_key} (not swept)", "x": xs,
+                             "y_label": y_key if ys != [None] else f"{y_key or ''} (not swept)", "y": ys,
+                             "z": [[values[x, y].mean if values[x, y].available else None for x in xs] for y in ys]})
+            if any(line):
+                panels.append(line)
+                shown.append(col)
+        if not panels:
+            return []
+        path = figures_dir / f"{self.name}_{plot['name']}.png"
+        grid_heatmaps(panels, shown, plot["rows"], f"{plot['title']} — {self.scale} scale", path,
+                      t["metric"].replace("_", " "), t.get("lower_is_better", False))
+        rel = Path(os.path.relpath(path, report_dir))
+        return [f"### {plot['title']}", "", f"![{plot['title']}]({rel.as_posix()})", "",
+                "One heat map per method and task: every grid point's value (mean over seeds), the best outlined, "
+                "'div' where the run diverged. Colours compare within a task.", ""]
 
     def samples_section(self, figures_dir: Path, report_dir: Path) -> str:
         """Sample test images of the scale's dataset (paper.yaml `samples`): a row per domain, one per class."""

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from common.errors import SuiteError
 
 Table = dict[tuple[str, str], float]  # (row label, column label) -> mean; missing cells are absent
+# (row label, column label) -> [(grid point settings {dotted key: value}, mean or None when diverged), ...]
+Grids = dict[tuple[str, str], list[tuple[dict, float | None]]]
 
 
 @dataclass(frozen=True)
@@ -123,21 +125,91 @@ def all_of(verdicts: list[Verdict]) -> Verdict:
     return Verdict(holds, "; ".join(f"{v.mark} {v.evidence}" for v in verdicts))
 
 
+def best_of_rows_beats(values: Table, table_rows, table_cols, lower_is_better: bool, *, rows, than,
+                       columns=None) -> Verdict:
+    """In every column, the best of `rows` is strictly better than row `than`."""
+    checked, failed, shown = 0, [], []
+    for c in columns or table_cols:
+        group = [(r, values[r, c]) for r in rows if (r, c) in values]
+        if (than, c) not in values or not group:
+            continue
+        checked += 1
+        best = (min if lower_is_better else max)(group, key=lambda x: x[1])
+        text = f"{c}: {best[0]} {_fmt(best[1])} vs {than} {_fmt(values[than, c])}"
+        shown.append(text)
+        if not _better(best[1], values[than, c], lower_is_better):
+            failed.append(text)
+    if not checked:
+        return Verdict(None, "no column of this claim is run at this scale")
+    if failed:
+        return Verdict(False, f"fails in {len(failed)} of {checked} columns: " + "; ".join(failed))
+    return Verdict(True, "; ".join(shown))
+
+
+def good_range_along(points: list[tuple[dict, float | None]], axis: str, margin: float,
+                     lower_is_better: bool) -> tuple[int, int] | None:
+    """(how many values of `axis` come within `margin` of the cell's best, how many there are), along the line of
+    the grid through the best point (the other axes held at the best point's values). None if nothing is available."""
+    available = [(s, v) for s, v in points if v is not None]
+    if not available:
+        return None
+    best_settings, best = (min if lower_is_better else max)(available, key=lambda p: p[1])
+    line = [v for s, v in points if all(s[k] == best_settings[k] for k in s if k != axis)]
+    good = sum(v is not None and abs(v - best) <= margin for v in line)
+    return good, len(line)
+
+
+def less_sensitive_along(values: Table, table_rows, table_cols, lower_is_better: bool, *, grids: Grids, axis,
+                         margin, rows, than, columns=None) -> Verdict:
+    """Sensitivity to one grid axis (e.g. the client learning rate): in every column, the values of `axis` whose
+    run comes within `margin` of the cell's best, along the grid line through the best point, are more on average
+    over `rows` than for row `than`. A diverged run is never within the margin."""
+    checked, failed, shown = 0, [], []
+    for c in columns or table_cols:
+        ref = good_range_along(grids.get((than, c), []), axis, margin, lower_is_better)
+        group = {r: good_range_along(grids.get((r, c), []), axis, margin, lower_is_better) for r in rows}
+        group = {r: g for r, g in group.items() if g is not None}
+        if ref is None or not group:
+            continue
+        checked += 1
+        mean = sum(g for g, _ in group.values()) / len(group)
+        text = (f"{c}: " + ", ".join(f"{r} {g}/{n}" for r, (g, n) in group.items()) +
+                f" (mean {mean:.3g}) vs {than} {ref[0]}/{ref[1]}")
+        shown.append(text)
+        if not mean > ref[0]:
+            failed.append(text)
+    if not checked:
+        return Verdict(None, "no grid of this claim is run at this scale")
+    intro = f"values of {axis} within {_fmt(margin)} of the best: "
+    if failed:
+        return Verdict(False, f"fails in {len(failed)} of {checked} columns: " + intro + "; ".join(failed))
+    return Verdict(True, intro + "; ".join(shown))
+
+
 KINDS = {"better_in_every_cell": better_in_every_cell, "advantage_grows": advantage_grows,
-         "best_in_row": best_in_row, "worst_in_row": worst_in_row, "largest_advantage_at": largest_advantage_at}
+         "best_in_row": best_in_row, "worst_in_row": worst_in_row, "largest_advantage_at": largest_advantage_at,
+         "best_of_rows_beats": best_of_rows_beats, "less_sensitive_along": less_sensitive_along}
+GRID_KINDS = {"less_sensitive_along"}  # kinds that read every grid point of a cell, not only the cell's best
 
 
-def check_claim(check: dict, values: Table, rows: list[str], cols: list[str], lower_is_better: bool) -> Verdict:
-    """Evaluate one check; kind `all_of` combines the checks listed under `checks` (on the same table)."""
+def check_claim(check: dict, values: Table, rows: list[str], cols: list[str], lower_is_better: bool,
+                grids: Grids | None = None) -> Verdict:
+    """Evaluate one check; kind `all_of` combines the checks listed under `checks` (on the same table).
+    `grids` holds every grid point of a table with a grid (absent for the paper's numbers, which are only the best
+    points): kinds that need them are not evaluable without."""
     if check["kind"] == "all_of":
-        return all_of([check_claim({**sub, "table": check["table"]}, values, rows, cols, lower_is_better)
+        return all_of([check_claim({**sub, "table": check["table"]}, values, rows, cols, lower_is_better, grids)
                        for sub in check["checks"]])
     params = {k: v for k, v in check.items() if k not in ("kind", "table")}
     labels = set(rows) | set(cols)
     named = [x for p in params.get("pairs", []) for x in p] + params.get("from_columns", []) + \
         params.get("to_columns", []) + params.get("columns", []) + params.get("rows", []) + \
-        ([params["column"]] if "column" in params else [])
+        ([params["column"]] if "column" in params else []) + ([params["than"]] if "than" in params else [])
     unknown = sorted(set(named) - labels)
     if unknown:
         raise SuiteError(f"claim check on table '{check['table']}' names unknown rows/columns: {', '.join(unknown)}")
+    if check["kind"] in GRID_KINDS:
+        if not grids:
+            return Verdict(None, "needs every grid point's value; only the best point of each cell is known")
+        params["grids"] = grids
     return KINDS[check["kind"]](values, rows, cols, lower_is_better, **params)

@@ -36,8 +36,14 @@ def domain_accuracy(result: dict, domain: str) -> tuple[float, bool]:
     return 100.0 * last[domain], False
 
 
+def mean_last_accuracy(result: dict, last_rounds: int) -> tuple[float, bool]:
+    """Mean test accuracy (%) over the last `last_rounds` rounds (all rounds when the run has fewer): less noisy
+    than the last round alone, the measure of Reddi et al.'s Table 1."""
+    return 100.0 * float(np.mean(result["metrics"]["test_accuracy"][-last_rounds:])), False
+
+
 METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy,
-           "domain_accuracy": domain_accuracy}
+           "domain_accuracy": domain_accuracy, "mean_last_accuracy": mean_last_accuracy}
 
 
 @dataclass(frozen=True)
@@ -78,13 +84,26 @@ def cell_value(results: list[dict], metric: str, eval_args: dict) -> CellValue:
     return CellValue(float(xs.mean()), std, len(xs), sum(c for _, c in values))
 
 
+NOT_VERIFIED = "not verified"
 _PAPER = re.compile(r"^\s*(-?[0-9.]+)\s*(?:±\s*([0-9.]+))?\s*$")
 
 
+def best_of(values: list[CellValue], lower_is_better: bool) -> int | None:
+    """Index of the best available value (the first of equals); None when none is available (e.g. all diverged)."""
+    available = [i for i, v in enumerate(values) if v.available]
+    if not available:
+        return None
+    pick = min if lower_is_better else max
+    return pick(available, key=lambda i: values[i].mean)
+
+
 def paper_value(raw) -> CellValue:
-    """A value from paper.yaml: a number, "mean±std", or null (not reported)."""
+    """A value from paper.yaml: a number, "mean±std", null (not reported), or "not verified" (the paper reports it,
+    but it could not be read from a primary copy of the paper, so it is not quoted)."""
     if raw is None:
         return CellValue(None, note="not reported")
+    if raw == NOT_VERIFIED:
+        return CellValue(None, note=NOT_VERIFIED)
     if isinstance(raw, (int, float)):
         return CellValue(float(raw), n=1)
     m = _PAPER.match(str(raw))

@@ -72,8 +72,44 @@ def sample_grid(images, row_labels: list[str], col_labels: list[str], title: str
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
+def grid_heatmaps(panels, row_titles: list[str], col_titles: list[str], title: str, path: Path,
+                  value_label: str, lower_is_better: bool = False) -> None:
+    """Heat maps of a table whose cells are grids: panels[i][j] (or None) is the grid of row i, column j, a dict
+    with x_label, x (values), y_label, y (values; [None] for an axis that is not swept) and z (len(y) x len(x)
+    numbers, None where the run diverged). One colour scale per figure row, so the panels of a row compare; each number is
+    written in its square and the best square is outlined."""
+    n_rows, n_cols = len(row_titles), len(col_titles)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.9 * n_cols + 0.6, 2.6 * n_rows + 0.6), squeeze=False)
+    for i, row in enumerate(panels):
+        finite = [v for p in row if p for line in p["z"] for v in line if v is not None]
+        vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        for j, panel in enumerate(row):
+            ax = axes[i][j]
+            ax.set_title(f"{row_titles[i]} — {col_titles[j]}", fontsize=8)
+            if panel is None:
+                ax.axis("off")
+                continue
+            z = np.array([[np.nan if v is None else v for v in line] for line in panel["z"]], dtype=float)
+            image = ax.imshow(z, origin="lower", cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+            for (yi, xi), v in np.ndenumerate(z):
+                ax.text(xi, yi, "div" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if np.isnan(v) or v < (vmin + vmax) / 2 else "black")
+            if np.isfinite(z).any():
+                yi, xi = np.unravel_index((np.nanargmin if lower_is_better else np.nanargmax)(z), z.shape)
+                ax.add_patch(plt.Rectangle((xi - 0.5, yi - 0.5), 1, 1, fill=False, ec="red", lw=2))
+            ax.set_xticks(range(len(panel["x"])), ["fixed" if v is None else f"{v:g}" for v in panel["x"]], fontsize=7)
+            ax.set_xlabel(panel["x_label"], fontsize=8)
+            ax.set_yticks(range(len(panel["y"])), ["fixed" if v is None else f"{v:g}" for v in panel["y"]], fontsize=7)
+            ax.set_ylabel(panel["y_label"], fontsize=8)
+        if any(row):
+            fig.colorbar(image, ax=list(axes[i]), shrink=0.8, label=value_label)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path, tight=False)
+
+
+def _save(fig, path: Path, tight: bool = True) -> None:
+    if tight:  # tight_layout cannot place colour bars shared by several panels
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     # Fixed metadata keeps the PNG byte-identical across rebuilds of the same numbers.
