@@ -99,3 +99,51 @@ def test_bad_paper_yaml_gives_one_clear_error(paper_dir, old, new, message):
     with pytest.raises(SuiteError) as err:
         paper_runs("feddf", "mini")
     assert "feddf" in str(err.value) and message in str(err.value)
+
+
+def test_grid_cells_run_every_point_and_method_axes_only_where_they_apply():
+    p = load_paper("fedopt")
+    grid = p["scales"]["mini"]["grids"]["table1"]
+    adam = cell_by_label(p, "table1", "FedAdam", "EMNIST CR", "mini")
+    assert len(adam.points) == len(grid["training.lr"]) * len(grid["method.server_lr"]) == len(adam.specs)
+    assert {(s["training"]["lr"], s["method"]["server_lr"]) for s in adam.specs} == \
+        {(lr, slr) for lr in grid["training.lr"] for slr in grid["method.server_lr"]}
+    fedavg = cell_by_label(p, "table1", "FedAvg", "EMNIST CR", "mini")   # FedAvg has no server_lr at mini
+    assert [dict(pt.settings) for pt in fedavg.points] == [{"training.lr": lr} for lr in grid["training.lr"]]
+    assert all("server_lr" not in s["method"] for s in fedavg.specs)
+    assert len(set(adam.run_ids)) == len(adam.specs)
+    assert adam.eval == {"last_rounds": 5}
+
+
+def test_task_bundles_are_the_scales_own_settings():
+    p = load_paper("fedopt")
+    cifar10 = cell_by_label(p, "table1", "FedYogi", "CIFAR-10", "mini").specs[0]
+    assert cifar10["dataset"]["name"] == "mnist1d" and cifar10["partition"]["clients"] == 100
+    assert cifar10["model"]["name"] == "cnn1d" and cifar10["training"]["rounds"] == 60
+    skipped = cell_by_label(p, "table1", "FedYogi", "CIFAR-100", "mini")
+    assert not skipped.specs and "task cifar100" in skipped.skipped
+    paper = cell_by_label(p, "table1", "FedYogi", "CIFAR-100", "paper").specs[0]
+    assert paper["dataset"]["name"] == "cifar100" and paper["model"] == {"name": "resnet18", "norm": "gn"}
+
+
+def test_fedavg_run_shared_by_fedopt_and_feddf():
+    """FedAvg at client lr 0.1 on EMNIST CR's mini analog is FedDF's mini FedAvg run: trained once for both."""
+    fedopt, feddf = set(paper_runs("fedopt", "mini")), set(paper_runs("feddf", "mini"))
+    p = load_paper("fedopt")
+    fedavg = cell_by_label(p, "table1", "FedAvg", "EMNIST CR", "mini")
+    at_01 = next(pt for pt in fedavg.points if dict(pt.settings) == {"training.lr": 0.1})
+    assert set(at_01.run_ids) <= fedopt & feddf
+    assert set(at_01.run_ids) == fedopt & feddf
+
+
+def test_unknown_task_is_a_clear_error(tmp_path, monkeypatch):
+    shutil.copytree(experiments.PAPERS_DIR, tmp_path / "papers")
+    monkeypatch.setattr(experiments, "PAPERS_DIR", tmp_path / "papers")
+    experiments.load_paper.cache_clear()
+    path = tmp_path / "papers" / "fedopt" / "paper.yaml"
+    path.write_text(path.read_text().replace("{task: emnist_cr}", "{task: emnist_xx}", 1))
+    try:
+        with pytest.raises(SuiteError, match="fedopt/paper.yaml .*task 'emnist_xx' is not defined"):
+            paper_runs("fedopt", "mini")
+    finally:
+        experiments.load_paper.cache_clear()

@@ -3,8 +3,9 @@ import pytest
 
 from common.errors import SuiteError
 from common.experiments import known_papers, load_paper
-from common.report.claims import check_claim
-from common.report.metrics import CellValue, cell_value, paper_value, rounds_to_target, within_tolerance
+from common.report.claims import check_claim, good_range_along
+from common.report.metrics import (CellValue, best_of, cell_value, paper_value, rounds_to_target,
+                                   within_tolerance)
 
 
 def result(accs, rounds=None, status="completed"):
@@ -149,3 +150,57 @@ def test_domain_accuracy_cell_reads_the_last_round():
     other = {"status": "completed", "metrics": {"domain_accuracy": [{"SVHN": 0.6, "USPS": 0.9}]}}
     v = cell_value([res, other], "domain_accuracy", {"domain": "SVHN"})
     assert v.mean == pytest.approx(50.0) and v.n == 2
+
+
+def test_mean_last_accuracy_averages_the_last_rounds():
+    accs = [0.1, 0.5, 0.6, 0.9]
+    assert cell_value([result(accs)], "mean_last_accuracy", {"last_rounds": 2}).mean == pytest.approx(75.0)
+    assert cell_value([result(accs)], "mean_last_accuracy", {"last_rounds": 10}).mean == pytest.approx(52.5)
+
+
+def test_best_of_skips_unavailable_and_takes_the_first_of_equals():
+    values = [CellValue(None, n=1, diverged=1), CellValue(80.0, n=1), CellValue(90.0, n=1), CellValue(90.0, n=1)]
+    assert best_of(values, lower_is_better=False) == 2
+    assert best_of(values, lower_is_better=True) == 1
+    assert best_of([CellValue(None, n=1, diverged=1)], False) is None
+
+
+def test_best_of_rows_beats():
+    vals = table(Ax=70, Bx=75, Cx=72, Ay=57, By=58, Cy=59)
+    check = {"kind": "best_of_rows_beats", "table": "t", "rows": ["A", "B"], "than": "C"}
+    verdict = check_claim(check, vals, ROWS, COLS, False)
+    assert verdict.holds is False and "fails in 1 of 2" in verdict.evidence and "y: B 58 vs C 59" in verdict.evidence
+    vals[("A", "y")] = 59.5
+    assert check_claim(check, vals, ROWS, COLS, False).holds is True
+    vals[("A", "y")] = 59.0   # a tie is not better
+    assert check_claim(check, vals, ROWS, COLS, False).holds is False
+
+
+def grid(values: dict) -> list:
+    """{(client lr, server lr): accuracy or None} -> grid points as the report passes them."""
+    return [({"training.lr": lr, "method.server_lr": slr}, v) for (lr, slr), v in values.items()]
+
+
+def test_good_range_along_follows_the_line_through_the_best_point():
+    points = grid({(0.1, 1): 90, (0.3, 1): 88, (1.0, 1): None, (0.1, 3): 95, (0.3, 3): 70, (1.0, 3): 93})
+    # best: (0.1, 3) = 95; along training.lr at server lr 3: 95 and 93 are within 3, 70 is not
+    assert good_range_along(points, "training.lr", 3.0, False) == (2, 3)
+    assert good_range_along(points, "training.lr", 30.0, False) == (3, 3)
+    assert good_range_along(grid({(0.1, 1): None}), "training.lr", 3.0, False) is None
+
+
+def test_less_sensitive_along_compares_mean_good_range_with_the_reference_row():
+    wide = grid({(0.1, 1): 90, (0.3, 1): 89, (1.0, 1): 88})
+    narrow = grid({(0.1, 1): 90, (0.3, 1): 80, (1.0, 1): None})
+    fedavg = [({"training.lr": lr}, v) for lr, v in [(0.1, 91), (0.3, 85), (1.0, 60)]]
+    check = {"kind": "less_sensitive_along", "table": "t", "axis": "training.lr", "margin": 3.0,
+             "rows": ["A", "B"], "than": "C", "columns": ["x"]}
+    vals = table(Ax=90, Bx=90, Cx=91)
+    # A: 3 of 3 within 3 points, B: 1 of 3, mean 2 > C's 1
+    grids = {("A", "x"): wide, ("B", "x"): narrow, ("C", "x"): fedavg}
+    verdict = check_claim(check, vals, ROWS, COLS, False, grids)
+    assert verdict.holds is True and "A 3/3, B 1/3 (mean 2) vs C 1/3" in verdict.evidence
+    grids[("A", "x")] = narrow  # mean 1, not more than 1
+    assert check_claim(check, vals, ROWS, COLS, False, grids).holds is False
+    # the paper's numbers are only the best points: not evaluable
+    assert check_claim(check, vals, ROWS, COLS, False).holds is None

@@ -54,6 +54,12 @@ def _g(value) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
+def _lrs(spec: dict) -> str:
+    """Client learning rate, and the server's where the method has one."""
+    server = spec["method"].get("server_lr")
+    return _g(spec["training"]["lr"]) + ("" if server is None else f" / {_g(server)}")
+
+
 def _decimals(table: dict) -> int:
     return 0 if table["metric"] == "rounds_to_target" else 2
 
@@ -351,13 +357,14 @@ class ReportBuilder:
                f"partition assigns each training sample to at most one client, and to exactly one unless it keeps "
                f"only a share of each domain (checked at run time).",
                "", "<details><summary>Runs used by this report (run id = hash of the resolved config)</summary>", "",
-               _md_table(["run", "method", "data", "partition", "model", "C", "E", "rounds", "seed", "status",
+               _md_table(["run", "method", "data", "partition", "model", "C", "E", "rounds", "lr (client / server)", "seed",
+                          "status",
                           "data fingerprint", "partition fingerprint", "wall (s)"],
                          [[f"`{r['run_id']}`", r["spec"]["method"]["name"], r["spec"]["dataset"]["name"],
                            f"{r['spec']['partition']['scheme']} α={r['spec']['partition'].get('alpha', '—')}",
                            f"{r['spec']['model']['name']}-{r['spec']['model'].get('norm', '')}",
                            str(r["spec"]["training"]["client_fraction"]), str(r["spec"]["training"]["local_epochs"]),
-                           str(r["spec"]["training"]["rounds"]), str(r["spec"]["seed"]), r["status"],
+                           str(r["spec"]["training"]["rounds"]), _lrs(r["spec"]), str(r["spec"]["seed"]), r["status"],
                            f"`{r['data']['fingerprint']}`", f"`{r['data']['partition_fingerprint']}`",
                            f"{r['wall_time_s']:.1f}"] for r in sorted(res, key=lambda r: r["run_id"])]),
                "", "</details>"]
