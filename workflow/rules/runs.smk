@@ -1,3 +1,5 @@
+import json
+
 # One training run per resolved spec; the run id is the hash of the spec, so papers share identical runs.
 # A run saves a checkpoint every round and, when restarted after a crash, continues from it.
 
@@ -6,12 +8,12 @@ rule spec:
     output:
         "results/specs/{run}.json",
     params:
-        spec=lambda wc: RUNS[wc.run],
+        spec=lambda wc: json.dumps(RUNS[wc.run], sort_keys=True),
     localrule: True
-    run:
-        from common.results import write_json_atomic
-
-        write_json_atomic(output[0], params.spec)
+    # A shell command, not a `run:` block: Snakemake would start a whole new Snakemake process (re-reading every
+    # paper.yaml) for each `run:` job, seconds per run. Written to a temporary name first, so it appears whole.
+    shell:
+        "printf '%s\\n' {params.spec:q} > {output}.tmp && mv {output}.tmp {output}"
 
 
 rule train:
