@@ -11,6 +11,9 @@ Two further ways to describe cells, for papers that compare methods over several
 - `grid:` on a table ({dotted key: [values]}, replaced per scale by `grids: {<table>: ...}`) makes every cell a
   set of grid points, one run per point and seed; the report shows the best point. A `method.*` axis applies only
   to the methods that list that hyper-parameter.
+
+A method hyper-parameter may also differ per method in one cell: `method.mu: {MOON: 5, FedProx: 0.01}` sets `mu` of
+the methods labelled MOON and FedProx (as a paper tunes it per method and dataset) and nothing for the others.
 """
 from __future__ import annotations
 
@@ -78,6 +81,18 @@ def _check_tables(paper: str, data: dict) -> None:
                                  f"not defined under 'methods' ({', '.join(data['methods'])})")
 
 
+def _per_method(settings: dict, label: str) -> dict:
+    """Resolve `method.<param>: {<label>: value, ...}` for method `label`; other labels get no value."""
+    out = {}
+    for key, value in settings.items():
+        if key.startswith("method.") and isinstance(value, dict):
+            if label in value:
+                out[key] = value[label]
+        else:
+            out[key] = value
+    return out
+
+
 @dataclass(frozen=True)
 class GridPoint:
     settings: tuple  # ((dotted key, value), ...) in the grid's axis order
@@ -139,8 +154,9 @@ def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds:
              f"column '{t['columns'][col]['label']}', scale {scale})")
     settings = {**t.get("set", {}), **t["columns"][col].get("set", {}), **t["rows"][row].get("set", {})}
     label = settings.pop("method")
-    task = settings.pop("task", None)
     method = _deep_merge(paper["methods"][label], sc.get("methods", {}).get(label, {}))
+    settings = _per_method(settings, label)
+    task = settings.pop("task", None)
 
     def applies(key: str) -> bool:
         """A method hyper-parameter given per cell (or grid axis) applies only to the methods that have it."""

@@ -2,6 +2,8 @@
 (the linear classifier), which representation-level methods (MOON, CCVR, FedDF's fusion) rely on."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -27,6 +29,17 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def with_projection(model: Classifier, dim: int) -> Classifier:
+    """MOON's network (Li et al. 2021, Sec. 3.2): the model's base encoder, a projection head (a two-layer MLP,
+    Linear(d, d), ReLU, Linear(d, dim)) and a linear classifier on the projection's output. `features` becomes
+    the encoder followed by the projection (`features.encoder`, `features.projection`), so `features(x)` is the
+    representation z that MOON contrasts and that CCVR calibrates the classifier on."""
+    d = model.feature_dim
+    projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, dim))
+    features = nn.Sequential(OrderedDict(encoder=model.features, projection=projection))
+    return Classifier(features, dim, model.head.out_features)
 
 
 class BasicBlock(nn.Module):
@@ -91,14 +104,20 @@ def cnn1d(in_channels: int, num_classes: int, norm: str = "none", channels: tupl
 
 
 def cnn(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[int, int] = (8, 16),
-        input_size: int = 28) -> Classifier:
-    """Small two-conv CNN (5x5 conv, norm, ReLU, 2x2 max-pool, twice): cheap enough for laptop-CPU federated runs."""
+        input_size: int = 28, hidden: tuple[int, ...] = ()) -> Classifier:
+    """Small two-conv CNN (5x5 conv, norm, ReLU, 2x2 max-pool, twice): cheap enough for laptop-CPU federated runs.
+    `hidden` adds fully connected layers with ReLU before the head: channels (6, 16) with hidden (120, 84) is the
+    LeNet-style CNN of MOON's and CCVR's CIFAR-10 experiments."""
     c1, c2 = channels
     side = ((input_size - 4) // 2 - 4) // 2
-    feats = nn.Sequential(
+    layers: list[nn.Module] = [
         nn.Conv2d(in_channels, c1, 5), norm_layer(norm, c1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 5), norm_layer(norm, c2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
-    return Classifier(feats, c2 * side * side, num_classes)
+        nn.Conv2d(c1, c2, 5), norm_layer(norm, c2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()]
+    width = c2 * side * side
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return Classifier(nn.Sequential(*layers), width, num_classes)
 
 
 def _bn_block(layer: nn.Module, norm: str, width: int, dims: int) -> list[nn.Module]:
@@ -154,6 +173,7 @@ MODELS = {
 
 
 def build_model(name: str, in_channels: int, num_classes: int, input_size: int, **params) -> Classifier:
+    """`projection: <dim>` adds MOON's projection head (see `with_projection`) to any model."""
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
     if name in ("cnn", "digit_cnn", "cnn1d"):
@@ -161,4 +181,6 @@ def build_model(name: str, in_channels: int, num_classes: int, input_size: int, 
     for key in ("channels", "hidden"):
         if key in params:
             params[key] = tuple(params[key])
-    return MODELS[name](in_channels=in_channels, num_classes=num_classes, **params)
+    projection = params.pop("projection", None)
+    model = MODELS[name](in_channels=in_channels, num_classes=num_classes, **params)
+    return model if projection is None else with_projection(model, projection)

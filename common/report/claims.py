@@ -52,6 +52,26 @@ def better_in_every_cell(values: Table, table_rows: list[str], table_cols: list[
     return Verdict(True, f"holds in all {checked} comparisons")
 
 
+def close_in_every_cell(values: Table, table_rows, table_cols, lower_is_better: bool, *, pairs, margin,
+                        columns=None) -> Verdict:
+    """For every pair [a, b] and every column: |a - b| <= margin (a paper's "a ≈ b"), in the table's units."""
+    checked, failed, gaps = 0, [], []
+    for a, b in pairs:
+        for c in columns or table_cols:
+            if (a, c) in values and (b, c) in values:
+                checked += 1
+                gap = abs(values[a, c] - values[b, c])
+                gaps.append(gap)
+                if gap > margin:
+                    failed.append(f"{a} vs {b} at {c}: {_fmt(values[a, c])} vs {_fmt(values[b, c])}")
+    if not checked:
+        return Verdict(None, "no cell of this claim is run at this scale")
+    if failed:
+        return Verdict(False, f"differ by more than {_fmt(margin)} in {len(failed)} of {checked} comparisons: "
+                              + "; ".join(failed[:4]))
+    return Verdict(True, f"within {_fmt(margin)} in all {checked} comparisons (largest gap {_fmt(max(gaps))})")
+
+
 def _mean_advantage(values: Table, pairs, columns, lower_is_better: bool) -> tuple[float | None, int]:
     """Mean advantage of row a over row b, over the pairs [a, b] and columns where both are available."""
     advs = [(values[b, c] - values[a, c]) if lower_is_better else (values[a, c] - values[b, c])
@@ -186,7 +206,7 @@ def less_sensitive_along(values: Table, table_rows, table_cols, lower_is_better:
     return Verdict(True, intro + "; ".join(shown))
 
 
-KINDS = {"better_in_every_cell": better_in_every_cell, "advantage_grows": advantage_grows,
+KINDS = {"better_in_every_cell": better_in_every_cell, "close_in_every_cell": close_in_every_cell, "advantage_grows": advantage_grows,
          "best_in_row": best_in_row, "worst_in_row": worst_in_row, "largest_advantage_at": largest_advantage_at,
          "best_of_rows_beats": best_of_rows_beats, "less_sensitive_along": less_sensitive_along}
 GRID_KINDS = {"less_sensitive_along"}  # kinds that read every grid point of a cell, not only the cell's best

@@ -1,0 +1,1 @@
+"""MOON: Model-Contrastive Federated Learning (Li, He, Song, CVPR 2021)."""
