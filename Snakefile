@@ -15,7 +15,8 @@ configfile: BASE / "config" / "config.yaml"
 validate(config, BASE / "config" / "schema.yaml")
 
 from common.errors import SuiteError
-from common.experiments import known_papers, paper_runs
+from common.experiments import known_papers, paper_calibrations, paper_runs
+from common.results import run_id
 from common.data import missing_files
 
 SCALE = config["scale"]
@@ -34,11 +35,25 @@ def runs_of(paper):
 
 RUNS = {rid: spec for paper in PAPERS for rid, spec in runs_of(paper).items()}
 
+
+def calibrations_of(paper):
+    """Calibration id -> calibration spec (post-hoc methods on a base run's final model) for one paper."""
+    try:
+        return paper_calibrations(paper, SCALE, SEEDS)
+    except SuiteError as e:
+        raise WorkflowError(str(e)) from None
+
+
+CALIBRATIONS = {cid: spec for paper in PAPERS for cid, spec in calibrations_of(paper).items()}
+BASE_OF = {cid: run_id(spec["base"]) for cid, spec in CALIBRATIONS.items()}  # calibration id -> its base run
+
 wildcard_constraints:
     run="[0-9a-f]{12}",
+    cal="[0-9a-f]{12}",
 
 
 include: "workflow/rules/runs.smk"
+include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/reports.smk"
 
 

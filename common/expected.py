@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.experiments import known_papers, paper_runs
+from common.experiments import is_calibration, known_papers, paper_calibrations, paper_runs
 from common.results import REPO, write_json_atomic
 
 EXPECTED_DIR = REPO / "tests" / "expected"
@@ -20,15 +20,20 @@ COMPARED = ("test_accuracy", "test_loss", "train_loss")
 
 
 def describe(spec: dict) -> str:
+    if is_calibration(spec):
+        return f"{spec['calibration']['name']} of [{describe(spec['base'])}]"
     t, p = spec["training"], spec["partition"]
     return (f"{spec['method']['name']} {spec['model']['name']}-{spec['model'].get('norm', '')} "
             f"C={t['client_fraction']} E={t['local_epochs']} α={p.get('alpha', '—')} seed={spec['seed']}")
 
 
 def collect(paper: str, results_dir: Path) -> dict:
+    """Smoke metrics of the paper's runs (from `results_dir`) and calibrations (from calibrations/ beside it)."""
     out = {}
-    for rid, spec in sorted(paper_runs(paper, "smoke").items()):
-        res = json.loads((results_dir / f"{rid}.json").read_text())
+    found = [(rid, spec, results_dir) for rid, spec in paper_runs(paper, "smoke").items()]
+    found += [(cid, spec, results_dir.parent / "calibrations") for cid, spec in paper_calibrations(paper, "smoke").items()]
+    for rid, spec, folder in sorted(found, key=lambda f: f[0]):
+        res = json.loads((folder / f"{rid}.json").read_text())
         out[rid] = {"run": describe(spec), "status": res["status"],
                     **{m: res["metrics"][m] for m in COMPARED}}
     return out

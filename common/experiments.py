@@ -14,6 +14,11 @@ Two further ways to describe cells, for papers that compare methods over several
 
 A method hyper-parameter may also differ per method in one cell: `method.mu: {MOON: 5, FedProx: 0.01}` sets `mu` of
 the methods labelled MOON and FedProx (as a paper tunes it per method and dataset) and nothing for the others.
+
+A method with `base: <label>` is not trained: it post-processes the final models of the runs of method <label> in
+the same cell (e.g. CCVR's classifier calibration). Its cells hold calibration specs, {"base": <the base run's
+spec>, "calibration": <the method's remaining keys>}, named by their hash like runs; the base runs are ordinary
+runs, shared with every table and paper that uses them.
 """
 from __future__ import annotations
 
@@ -79,6 +84,21 @@ def _check_tables(paper: str, data: dict) -> None:
             if m is not None and m not in data["methods"]:
                 raise SuiteError(f"papers/{paper}/paper.yaml: table '{tname}' uses method '{m}' "
                                  f"not defined under 'methods' ({', '.join(data['methods'])})")
+    for label, m in data["methods"].items():
+        base = m.get("base")
+        if base is not None and (base not in data["methods"] or "base" in data["methods"][base]):
+            raise SuiteError(f"papers/{paper}/paper.yaml: method '{label}' has base '{base}', which must be a "
+                             f"trained method defined under 'methods' ({', '.join(data['methods'])})")
+
+
+def is_calibration(spec: dict) -> bool:
+    """A calibration spec (post-processing of a base run's final model), not a training run."""
+    return "calibration" in spec
+
+
+def training_spec(spec: dict) -> dict:
+    """The training run a spec needs: itself, or the base run of a calibration."""
+    return spec["base"] if is_calibration(spec) else spec
 
 
 def _per_method(settings: dict, label: str) -> dict:
@@ -147,14 +167,24 @@ def table_grid(paper: dict, table: str, scale: str) -> dict[str, list]:
     return scale_config(paper, scale).get("grids", {}).get(table, paper["tables"][table].get("grid", {}))
 
 
-def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds: list[int] | None = None) -> Cell:
+def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds: list[int] | None = None,
+                 method_label: str | None = None) -> Cell:
+    """The runs of one table cell at a scale; `method_label` replaces the cell's method (for a calibration's base)."""
     t = paper["tables"][table]
     sc = scale_config(paper, scale)
     where = (f"papers/{paper['id']}/paper.yaml (table {table}, row '{t['rows'][row]['label']}', "
              f"column '{t['columns'][col]['label']}', scale {scale})")
     settings = {**t.get("set", {}), **t["columns"][col].get("set", {}), **t["rows"][row].get("set", {})}
-    label = settings.pop("method")
+    label = settings.pop("method") if method_label is None else method_label
+    settings.pop("method", None)
     method = _deep_merge(paper["methods"][label], sc.get("methods", {}).get(label, {}))
+    if "base" in method:
+        base = resolve_cell(paper, table, row, col, scale, seeds, method_label=method["base"])
+        if base.points:
+            raise SuiteError(f"{where}: a method with a base (calibration) cannot be used in a table with a grid")
+        calibration = {k: v for k, v in method.items() if k != "base"}
+        return Cell(table, row, col, tuple({"base": s, "calibration": calibration} for s in base.specs),
+                    base.eval_args, skipped=base.skipped)
     settings = _per_method(settings, label)
     task = settings.pop("task", None)
 
@@ -207,6 +237,13 @@ def check_names(spec: dict, where: str) -> None:
     from common.data import known_loaders
     from common.fl import get_algorithm
     from common.models import MODELS
+    if is_calibration(spec):
+        from common.calibrate import get_calibration
+        try:
+            get_calibration(spec["calibration"])
+        except SuiteError as e:
+            raise SuiteError(f"{where}: {e}") from None
+        spec = spec["base"]
     loaders = known_loaders()
     if spec["dataset"]["name"] not in loaders:
         raise SuiteError(f"{where}: unknown dataset '{spec['dataset']['name']}'; known: {', '.join(sorted(loaders))}")
@@ -218,14 +255,26 @@ def check_names(spec: dict, where: str) -> None:
         raise SuiteError(f"{where}: {e}") from None
 
 
-def paper_runs(paper_name: str, scale: str, seeds=None) -> dict[str, dict]:
-    """All runs (run id -> spec) a paper's report needs at `scale`."""
+def _paper_specs(paper_name: str, scale: str, seeds=None) -> list[dict]:
     paper = load_paper(paper_name)
+    return [spec for table in paper["tables"]
+            for cell in itertools.chain.from_iterable(table_cells(paper, table, scale, seeds)) for spec in cell.specs]
+
+
+def paper_runs(paper_name: str, scale: str, seeds=None) -> dict[str, dict]:
+    """All training runs (run id -> spec) a paper's report needs at `scale`, the base runs of calibrations included."""
     runs = {}
-    for table in paper["tables"]:
-        for cell in itertools.chain.from_iterable(table_cells(paper, table, scale, seeds)):
-            for spec in cell.specs:
-                runs[run_id(spec)] = spec
+    for spec in _paper_specs(paper_name, scale, seeds):
+        spec = training_spec(spec)
+        runs[run_id(spec)] = spec
     for spec in {run_id({**s, "seed": 0}): s for s in runs.values()}.values():
         check_names(spec, f"papers/{paper_name}/paper.yaml (scale {scale})")
     return runs
+
+
+def paper_calibrations(paper_name: str, scale: str, seeds=None) -> dict[str, dict]:
+    """All calibrations (calibration id -> calibration spec) a paper's report needs at `scale`."""
+    cals = {run_id(s): s for s in _paper_specs(paper_name, scale, seeds) if is_calibration(s)}
+    for spec in {run_id({**s, "base": {**s["base"], "seed": 0}}): s for s in cals.values()}.values():
+        check_names(spec, f"papers/{paper_name}/paper.yaml (scale {scale})")
+    return cals

@@ -39,28 +39,51 @@ def make_deterministic(device: torch.device, threads: int) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: int = 1,
-            progress: bool = True, checkpoint: Path | None = None) -> dict:
-    """Run one federated experiment and return its result record (not yet written)."""
-    started, t0 = datetime.now(timezone.utc), time.perf_counter()
-    dev = resolve_device(device)
-    make_deterministic(dev, threads)
-    algorithm = get_algorithm(spec["method"])
+def load_data_and_partition(spec: dict, data_root: str):
+    """The run's dataset and its clients' index sets (the same for every run with this data, partition and seed)."""
     ds_spec = spec["dataset"]
     data = load_dataset(ds_spec["name"], data_root, ds_spec.get("train_limit"), ds_spec.get("test_limit"))
     part = dict(spec["partition"])
     parts = partition(data.train.y, part.pop("scheme"), seed=spec["seed"], domains=data.train.domain, **part)
-    overlap = train_test_overlap(data)
+    return data, parts
 
+
+def model_factory(spec: dict, data, dev: torch.device):
     def make_model():
         m = spec["model"]
         return build_model(m["name"], in_channels=data.input_shape[0], num_classes=data.num_classes,
                            input_size=data.input_shape[-1], **{k: v for k, v in m.items() if k != "name"}).to(dev)
+    return make_model
+
+
+def save_model_atomic(path: Path, rid: str, state: dict) -> None:
+    """The run's final global model (state_dict on the CPU), written under a temporary name first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"run_id": rid, "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
+    os.replace(tmp, path)
+
+
+def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: int = 1,
+            progress: bool = True, checkpoint: Path | None = None, model_out: Path | None = None) -> dict:
+    """Run one federated experiment and return its result record (not yet written); with `model_out`, the final
+    global model is saved there."""
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    dev = resolve_device(device)
+    make_deterministic(dev, threads)
+    algorithm = get_algorithm(spec["method"])
+    data, parts = load_data_and_partition(spec, data_root)
+    overlap = train_test_overlap(data)
+    make_model = model_factory(spec, data, dev)
 
     torch.manual_seed(spec["seed"])
     ctx = RunContext(spec=spec, data=data, parts=parts, model=make_model(), make_model=make_model, device=dev,
                      data_root=str(data_root))
-    hist = FederatedRun(ctx, algorithm).train(progress=progress, checkpoint=checkpoint)
+    run = FederatedRun(ctx, algorithm)
+    hist = run.train(progress=progress, checkpoint=checkpoint)
+    if model_out is not None:
+        save_model_atomic(model_out, run_id(spec), run.final_state)
     return {
         "run_id": run_id(spec),
         "spec": spec,
@@ -91,13 +114,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--checkpoint", type=Path, help="save state after every round here; resume from it if present")
+    ap.add_argument("--model-out", type=Path, help="save the final global model (state_dict) here")
     args = ap.parse_args(argv)
     try:
         spec = json.loads(args.spec.read_text())
         if args.checkpoint:
             args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         result = execute(spec, args.data_root, args.device, args.threads, progress=sys.stderr.isatty(),
-                         checkpoint=args.checkpoint)
+                         checkpoint=args.checkpoint, model_out=args.model_out)
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

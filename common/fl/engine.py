@@ -187,4 +187,5 @@ class FederatedRun:
             bar.set_postfix(acc=f"{acc:.3f}")
             if checkpoint is not None:
                 self.save_checkpoint(Path(checkpoint), r + 1, global_state, hist)
+        self.final_state = global_state  # the last global model, kept for post-hoc methods (calibration)
         return hist

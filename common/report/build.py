@@ -13,11 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common.errors import SuiteError
-from common.experiments import Cell, load_paper, scale_config, table_cells, table_grid
+from common.experiments import Cell, is_calibration, load_paper, scale_config, table_cells, table_grid, training_spec
 from common.report.claims import check_claim
 from common.report.metrics import CellValue, best_of, cell_value, paper_value, within_tolerance
 from common.report.plots import accuracy_per_round, curves, grid_heatmaps, sample_grid
-from common.results import git_commit, write_text_atomic
+from common.results import git_commit, run_id, write_text_atomic
 
 SCALE_NOTE = {
     "paper": "This report ran the paper's setting: each cell is compared with the paper's value within the "
@@ -65,13 +65,20 @@ def _decimals(table: dict) -> int:
 
 
 class ReportBuilder:
-    def __init__(self, paper_name: str, scale: str, results_dir: Path, seeds=None, data_root: str | Path = "data"):
+    def __init__(self, paper_name: str, scale: str, results_dir: Path, seeds=None, data_root: str | Path = "data",
+                 calibrations_dir: Path | None = None):
         self.name, self.scale, self.data_root = paper_name, scale, data_root
         self.paper = load_paper(paper_name)
         self.sc = scale_config(self.paper, scale)
         self.cells = {t: table_cells(self.paper, t, scale, seeds) for t in self.paper["tables"]}
-        ids = {rid for grid in self.cells.values() for row in grid for cell in row for rid in cell.run_ids}
-        self.results = load_results(sorted(ids), results_dir)
+        specs = [s for grid in self.cells.values() for row in grid for cell in row for s in cell.specs]
+        # training runs (the base runs of calibrations included) and calibrations, both looked up by id
+        self.run_ids = sorted({run_id(training_spec(s)) for s in specs})
+        self.calibration_ids = sorted({run_id(s) for s in specs if is_calibration(s)})
+        self.results = load_results(self.run_ids, results_dir)
+        if self.calibration_ids:
+            self.results.update(load_results(self.calibration_ids, calibrations_dir or
+                                             results_dir.parent / "calibrations"))
 
     # --- numbers ---------------------------------------------------------------------------------------------
     def point_values(self, table: str, cell: Cell) -> list[tuple[dict, CellValue]]:
@@ -334,7 +341,7 @@ class ReportBuilder:
         return "\n".join(out)
 
     def provenance_section(self, elapsed_report: float) -> str:
-        res = list(self.results.values())
+        res = [self.results[r] for r in self.run_ids]
         walls = sum(r["wall_time_s"] for r in res)
         starts = [datetime.fromisoformat(r["started"]) for r in res]
         now = datetime.now(timezone.utc)
@@ -368,6 +375,20 @@ class ReportBuilder:
                            f"`{r['data']['fingerprint']}`", f"`{r['data']['partition_fingerprint']}`",
                            f"{r['wall_time_s']:.1f}"] for r in sorted(res, key=lambda r: r["run_id"])]),
                "", "</details>"]
+        if self.calibration_ids:
+            cals = [self.results[c] for c in self.calibration_ids]
+            out += ["", "<details><summary>Calibrations used by this report (post-hoc methods applied to a base "
+                        "run's final model; id = hash of the base run's config and the calibration settings)"
+                        "</summary>", "",
+                    _md_table(["calibration", "method", "settings", "base run", "status", "accuracy before → after",
+                               "wall (s)"],
+                              [[f"`{c['run_id']}`", c["spec"]["calibration"]["name"],
+                                ", ".join(f"{k}={_g(v)}" for k, v in sorted(c["spec"]["calibration"].items())
+                                          if k != "name"),
+                                f"`{c['base_run']}`", c["status"],
+                                f"{100 * c['before']['test_accuracy']:.2f} → {100 * c['final']['test_accuracy']:.2f}"
+                                if c["before"] else "—", f"{c['wall_time_s']:.1f}"] for c in cals]),
+                    "", "</details>"]
         return "\n".join(out)
 
     def cite_section(self) -> str:
@@ -400,12 +421,14 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", default="mini")
     ap.add_argument("--seeds", type=int, nargs="*")
     ap.add_argument("--results", type=Path, default=Path("results/runs"))
+    ap.add_argument("--calibrations", type=Path, help="calibration results (default: calibrations/ beside --results)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--figures", type=Path, default=Path("reports/figures"))
     ap.add_argument("--data-root", default="data", help="where paper-scale datasets live (for sample figures)")
     args = ap.parse_args(argv)
     try:
-        ReportBuilder(args.paper, args.scale, args.results, args.seeds or None, args.data_root).build(
+        ReportBuilder(args.paper, args.scale, args.results, args.seeds or None, args.data_root,
+                      args.calibrations).build(
             args.out or Path("reports") / f"{args.paper}.md", args.figures)
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)

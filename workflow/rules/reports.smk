@@ -15,9 +15,14 @@ def report_runs(wc):
     return expand("results/runs/{run}.json", run=sorted(runs))
 
 
+def report_calibrations(wc):
+    return expand("results/calibrations/{cal}.json", cal=sorted(calibrations_of(wc.paper)))
+
+
 rule report:
     input:
         runs=report_runs,
+        calibrations=report_calibrations,
         paper=BASE / "papers" / "{paper}" / "paper.yaml",
     output:
         "reports/{paper}.md",
@@ -27,4 +32,4 @@ rule report:
     localrule: True
     shell:
         "{PYTHON} -m common.report.build {wildcards.paper} --scale {SCALE} {params.seeds} "
-        "--results results/runs --out {output} --figures reports/figures --data-root {params.data_root}"
+        "--results results/runs --calibrations results/calibrations --out {output} --figures reports/figures --data-root {params.data_root}"
