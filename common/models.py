@@ -161,6 +161,22 @@ def alexnet_bn(in_channels: int, num_classes: int, norm: str = "bn") -> Classifi
     return Classifier(nn.Sequential(*layers), 4096, num_classes)
 
 
+def fedavg_cnn(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[int, int] = (32, 64),
+               fc_width: int = 512, input_size: int = 28) -> Classifier:
+    """McMahan et al.'s CNN as in FedNTD's code (fedavg_mnist / fedavg_cifar): two 5x5 convolutions with padding 2
+    (32, 64), ReLU and 2x2 max-pooling each, a hidden linear layer (512) with ReLU; the head is the last linear
+    layer. `channels`/`fc_width` give narrower variants."""
+    if norm != "none":
+        raise SuiteError(f"fedavg_cnn has no normalisation layers; use norm 'none', not '{norm}'")
+    c1, c2 = channels
+    side = input_size // 4
+    feats = nn.Sequential(
+        nn.Conv2d(in_channels, c1, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(c2 * side * side, fc_width), nn.ReLU())
+    return Classifier(feats, fc_width, num_classes)
+
+
 MODELS = {
     "resnet8": lambda **kw: resnet(8, **kw),
     "resnet20": lambda **kw: resnet(20, **kw),
@@ -169,6 +185,7 @@ MODELS = {
     "cnn1d": cnn1d,
     "digit_cnn": digit_cnn,
     "alexnet_bn": alexnet_bn,
+    "fedavg_cnn": fedavg_cnn,
 }
 
 
@@ -176,7 +193,7 @@ def build_model(name: str, in_channels: int, num_classes: int, input_size: int, 
     """`projection: <dim>` adds MOON's projection head (see `with_projection`) to any model."""
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
-    if name in ("cnn", "digit_cnn", "cnn1d"):
+    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn"):
         params = {"input_size": input_size, **params}
     for key in ("channels", "hidden"):
         if key in params:

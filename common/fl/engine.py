@@ -92,6 +92,7 @@ class FederatedRun:
         self.rounds, self.fraction = t["rounds"], t["client_fraction"]
         self.epochs, self.batch_size, self.lr = t["local_epochs"], t["batch_size"], t["lr"]
         self.momentum, self.weight_decay = t.get("momentum", 0.0), t.get("weight_decay", 0.0)
+        self.lr_decay = t.get("lr_decay", 1.0)  # client lr of round r: lr * lr_decay**r (1: constant)
         self.seed = ctx.spec["seed"]
         dev = ctx.device
         self.x, self.y = ctx.data.train.x.to(dev), ctx.data.train.y.to(dev)
@@ -111,7 +112,8 @@ class FederatedRun:
         idx = self.ctx.parts[client].to(self.ctx.device)
         x, y = self.x[idx], self.y[idx]
         gen = torch.Generator().manual_seed(sub_seed(self.seed, round_index, client))
-        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        lr = self.lr if self.lr_decay == 1.0 else self.lr * self.lr_decay ** round_index
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         model.train()
         total, steps = 0.0, 0
         for _ in range(self.epochs):

@@ -42,8 +42,30 @@ def mean_last_accuracy(result: dict, last_rounds: int) -> tuple[float, bool]:
     return 100.0 * float(np.mean(result["metrics"]["test_accuracy"][-last_rounds:])), False
 
 
+def _mean_last_logged(result: dict, key: str, last_rounds: int | None) -> float:
+    """Mean of a per-round diagnostic a run logged (e.g. FedNTD's forgetting), over its last `last_rounds` rounds
+    (all rounds when None or when the run has fewer); rounds that logged no value (None) are left out."""
+    per_round = result["metrics"].get(key)
+    if per_round is None:
+        raise ValueError(f"run {result.get('run_id', '?')} logged no '{key}'; its method does not compute it")
+    values = [v for v in per_round[-last_rounds if last_rounds else 0:] if v is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def forgetting(result: dict, last_rounds: int | None = None) -> tuple[float, bool]:
+    """Accuracy (% points) on the classes outside a client's local distribution that local training loses: the
+    received global model's minus the trained local model's, mean over the round's clients and the last rounds."""
+    return 100.0 * _mean_last_logged(result, "forgetting", last_rounds), False
+
+
+def weight_divergence(result: dict, last_rounds: int | None = None) -> tuple[float, bool]:
+    """||w_local - w_global|| / ||w_global|| (%), mean over the round's clients and the last rounds."""
+    return 100.0 * _mean_last_logged(result, "weight_divergence", last_rounds), False
+
+
 METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy,
-           "domain_accuracy": domain_accuracy, "mean_last_accuracy": mean_last_accuracy}
+           "domain_accuracy": domain_accuracy, "mean_last_accuracy": mean_last_accuracy, "forgetting": forgetting,
+           "weight_divergence": weight_divergence}
 
 
 @dataclass(frozen=True)

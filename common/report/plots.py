@@ -29,7 +29,9 @@ def accuracy_per_round(panels, title: str, path: Path) -> None:
     _save(fig, path)
 
 
-METRIC_LABELS = {"test_accuracy": "test accuracy (%)", "test_loss": "test loss", "train_loss": "training loss"}
+METRIC_LABELS = {"test_accuracy": "test accuracy (%)", "test_loss": "test loss", "train_loss": "training loss",
+                 "forgetting": "forgetting (out-of-local accuracy lost)",
+                 "weight_divergence": "||w_local - w_global|| / ||w_global||"}
 LINE_STYLES = ("--", "-", ":", "-.")
 
 
