@@ -344,8 +344,8 @@ class ReportBuilder:
         res = [self.results[r] for r in self.run_ids]
         walls = sum(r["wall_time_s"] for r in res)
         starts = [datetime.fromisoformat(r["started"]) for r in res]
-        now = datetime.now(timezone.utc)
-        elapsed = (now - min(starts)).total_seconds() if starts else 0.0
+        ends = [s.timestamp() + r["wall_time_s"] for s, r in zip(starts, res)]
+        elapsed = max(ends) - min(s.timestamp() for s in starts) if starts else 0.0
         commits = sorted({r["provenance"]["commit"] for r in res})
         prov = res[0]["provenance"] if res else {}
         pk = prov.get("packages", {})
@@ -354,7 +354,7 @@ class ReportBuilder:
                f"- Runs: {len(res)} ({sum(r['status'] == 'completed' for r in res)} completed, "
                f"{sum(r['status'] == 'diverged' for r in res)} diverged); seeds {self.sc['seeds']}.",
                f"- Wall time: {walls / 60:.1f} min of training summed over runs; {elapsed / 60:.1f} min from the "
-               f"first run's start to this report (includes runs reused from earlier builds); report built in "
+               f"first run's start to the last run's end (spans earlier builds when runs were reused); report built in "
                f"{elapsed_report:.1f} s.",
                f"- Code: commit(s) {', '.join(commits)}; report built at commit {git_commit()}.",
                f"- Software: Python {prov.get('python')}, " + ", ".join(f"{k} {v}" for k, v in pk.items() if v) + ".",

@@ -82,9 +82,11 @@ def grid_heatmaps(panels, row_titles: list[str], col_titles: list[str], title: s
     written in its square and the best square is outlined."""
     n_rows, n_cols = len(row_titles), len(col_titles)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.9 * n_cols + 0.6, 2.6 * n_rows + 0.6), squeeze=False)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.88, wspace=0.4, hspace=0.6)
     for i, row in enumerate(panels):
         finite = [v for p in row if p for line in p["z"] for v in line if v is not None]
         vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        first_y_label = next((p["y_label"] for p in row if p), None)
         for j, panel in enumerate(row):
             ax = axes[i][j]
             ax.set_title(f"{row_titles[i]} — {col_titles[j]}", fontsize=8)
@@ -102,7 +104,8 @@ def grid_heatmaps(panels, row_titles: list[str], col_titles: list[str], title: s
             ax.set_xticks(range(len(panel["x"])), ["fixed" if v is None else f"{v:g}" for v in panel["x"]], fontsize=7)
             ax.set_xlabel(panel["x_label"], fontsize=8)
             ax.set_yticks(range(len(panel["y"])), ["fixed" if v is None else f"{v:g}" for v in panel["y"]], fontsize=7)
-            ax.set_ylabel(panel["y_label"], fontsize=8)
+            if j == 0 or panel["y_label"] != first_y_label:  # one y label per row unless the axis differs
+                ax.set_ylabel(panel["y_label"], fontsize=8)
         if any(row):
             fig.colorbar(image, ax=list(axes[i]), shrink=0.8, label=value_label)
     fig.suptitle(title, fontsize=10)
