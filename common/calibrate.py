@@ -16,7 +16,6 @@ Papers register their methods with `@register_calibration("name")` in `papers/<p
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -29,35 +28,19 @@ import torch
 from common.data import Dataset, fingerprint
 from common.data.partition import partition_fingerprint
 from common.errors import SuiteError
+from common.fl.algorithms import build_registered, registrar
 from common.fl.engine import evaluate
 from common.results import provenance, run_id, write_json_atomic
 
 CALIBRATIONS: dict[str, type] = {}
 
 
-def register_calibration(name: str):
-    def deco(cls):
-        cls.name = name
-        CALIBRATIONS[name] = cls
-        return cls
-    return deco
+register_calibration = registrar(CALIBRATIONS)
 
 
 def get_calibration(spec: dict):
     """Instantiate the calibration method named by `spec['name']` with the remaining keys as its parameters."""
-    name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
-    if name not in CALIBRATIONS:
-        from common.fl.algorithms import _import_paper_methods
-        _import_paper_methods()
-    if name not in CALIBRATIONS:
-        raise SuiteError(f"unknown calibration method '{name}'; known: {', '.join(sorted(CALIBRATIONS)) or 'none'}")
-    cls = CALIBRATIONS[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = set(params) - accepted
-    if unknown:
-        raise SuiteError(f"calibration method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; "
-                         f"it accepts {', '.join(sorted(accepted)) or 'none'}")
-    return cls(**params)
+    return build_registered(CALIBRATIONS, spec, "calibration method")
 
 
 @dataclass

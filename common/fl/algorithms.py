@@ -26,26 +26,39 @@ State = dict[str, torch.Tensor]
 ALGORITHMS: dict[str, type["Algorithm"]] = {}
 
 
-def register_algorithm(name: str):
-    def deco(cls):
-        cls.name = name
-        ALGORITHMS[name] = cls
-        return cls
-    return deco
+def registrar(registry: dict[str, type]):
+    """A class decorator factory: `@register("name")` adds the class to `registry` under that name."""
+    def register(name: str):
+        def deco(cls):
+            cls.name = name
+            registry[name] = cls
+            return cls
+        return deco
+    return register
+
+
+register_algorithm = registrar(ALGORITHMS)
 
 
 def get_algorithm(spec: dict) -> "Algorithm":
     """Instantiate the algorithm named by `spec['name']` with the remaining keys as its hyper-parameters."""
+    return build_registered(ALGORITHMS, spec, "method")
+
+
+def build_registered(registry: dict[str, type], spec: dict, kind: str):
+    """Instantiate `registry[spec['name']]` with the remaining keys of `spec` as its parameters. Papers register
+    their own classes when their `method.py` is imported, so every paper's module is imported before a name is
+    declared unknown. An unknown name or parameter is one clear error."""
     name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
-    if name not in ALGORITHMS:
+    if name not in registry:
         _import_paper_methods()
-    if name not in ALGORITHMS:
-        raise SuiteError(f"unknown method '{name}'; known methods: {', '.join(sorted(ALGORITHMS))}")
-    cls = ALGORITHMS[name]
+    if name not in registry:
+        raise SuiteError(f"unknown {kind} '{name}'; known {kind}s: {', '.join(sorted(registry)) or 'none'}")
+    cls = registry[name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = set(params) - accepted
     if unknown:
-        raise SuiteError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; "
+        raise SuiteError(f"{kind} '{name}' has no parameter(s) {', '.join(sorted(unknown))}; "
                          f"it accepts {', '.join(sorted(accepted)) or 'none'}")
     return cls(**params)
 
