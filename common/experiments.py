@@ -37,7 +37,7 @@ from common.results import run_id
 REPO = Path(__file__).resolve().parent.parent
 PAPERS_DIR = REPO / "papers"
 SCHEMA_DIR = REPO / "config"
-EVAL_KEYS = ("target", "domain", "last_rounds")  # cell keys that parameterise the metric, not the run
+EVAL_KEYS = ("target", "reference", "domain", "last_rounds")  # cell keys that parameterise the metric, not the run
 
 
 def known_papers() -> list[str]:
@@ -79,6 +79,12 @@ def _check_tables(paper: str, data: dict) -> None:
         if len(t["paper"]) != len(t["rows"]) or any(len(r) != len(t["columns"]) for r in t["paper"]):
             raise SuiteError(f"papers/{paper}/paper.yaml: table '{tname}' paper values must be "
                              f"{len(t['rows'])} rows x {len(t['columns'])} columns")
+        labels = [r["label"] for r in t["rows"]]
+        for cell in (*t["rows"], *t["columns"], t):
+            ref = cell.get("set", {}).get("reference")
+            if ref is not None and (ref not in labels or t["metric"] != "rounds_to_target"):
+                raise SuiteError(f"papers/{paper}/paper.yaml: table '{tname}': 'reference: {ref}' needs a "
+                                 f"rounds_to_target table with a row labelled '{ref}' (rows: {', '.join(labels)})")
         for cell in (*t["rows"], *t["columns"]):
             m = cell.get("set", {}).get("method")
             if m is not None and m not in data["methods"]:

@@ -204,3 +204,28 @@ def test_less_sensitive_along_compares_mean_good_range_with_the_reference_row():
     assert check_claim(check, vals, ROWS, COLS, False, grids).holds is False
     # the paper's numbers are only the best points: not evaluable
     assert check_claim(check, vals, ROWS, COLS, False).holds is None
+
+
+def test_reference_row_sets_the_target_to_its_final_accuracy(tmp_path):
+    """MOON's Table 2: rounds each method needs to reach FedAvg's final accuracy in the same column."""
+    import json
+    from common.report.build import ReportBuilder
+    from common.experiments import paper_runs
+    accs = {"moon": [0.5, 0.65, 0.7], "fedprox": [0.3, 0.4, 0.55], "fedavg": [0.4, 0.62, 0.6]}
+    for rid, spec in paper_runs("moon", "smoke").items():
+        r = {**result(accs.get(spec["method"]["name"], [0.1] * 3), rounds=spec["training"]["rounds"]), "spec": spec}
+        (tmp_path / f"{rid}.json").write_text(json.dumps(r))
+    b = ReportBuilder("moon", "smoke", tmp_path, calibrations_dir=tmp_path)
+    moon, fedprox, fedavg = (row[0] for row in b.ours("table2"))
+    assert b.metric_args("table2", b.cells["table2"][0][0]) == {"target": pytest.approx(0.6)}
+    assert (moon.mean, fedprox.mean, fedavg.mean) == (2.0, 4.0, 2.0)  # FedAvg first reaches 0.6 at round 2
+    assert fedprox.display(0) == "> 3" and "60%" in b._targets("table2")
+
+
+def test_reference_must_be_a_row_of_a_rounds_to_target_table():
+    from common.experiments import _check_tables
+    import copy
+    paper = copy.deepcopy(load_paper("moon"))
+    paper["tables"]["table2"]["columns"][0]["set"]["reference"] = "FedAvgg"
+    with pytest.raises(SuiteError, match="needs a rounds_to_target table with a row labelled 'FedAvgg'"):
+        _check_tables("moon", paper)

@@ -84,7 +84,8 @@ class ReportBuilder:
     def point_values(self, table: str, cell: Cell) -> list[tuple[dict, CellValue]]:
         """(settings, value) of every grid point of a cell of a table with a grid."""
         metric = self.paper["tables"][table]["metric"]
-        return [(dict(p.settings), cell_value([self.results[r] for r in p.run_ids], metric, cell.eval))
+        return [(dict(p.settings), cell_value([self.results[r] for r in p.run_ids], metric,
+                                              self.metric_args(table, cell)))
                 for p in cell.points]
 
     def best_point(self, table: str, cell: Cell):
@@ -111,10 +112,24 @@ class ReportBuilder:
                     out.append(CellValue(None, note="not run at this scale"))
                 elif not ids:
                     out.append(CellValue(None, n=len(cell.points), diverged=len(cell.points)))
+                elif self.metric_args(table, cell).get("target", 0.0) is None:
+                    out.append(CellValue(None, note="no reference value"))
                 else:
-                    out.append(cell_value([self.results[r] for r in ids], t["metric"], cell.eval))
+                    out.append(cell_value([self.results[r] for r in ids], t["metric"], self.metric_args(table, cell)))
             grid.append(out)
         return grid
+
+    def metric_args(self, table: str, cell: Cell) -> dict:
+        """The metric's arguments for a cell. `reference: <row label>` in a rounds_to_target table makes the target
+        that row's final accuracy in the same column (mean over seeds; None when it has none, e.g. it diverged):
+        the rounds each method needs to reach what the reference reaches in all its rounds (MOON's Table 2)."""
+        args = cell.eval
+        if "reference" in args:
+            rows, _ = self.labels(table)
+            ref = self.cells[table][rows.index(args.pop("reference"))][cell.col]
+            value = cell_value([self.results[r] for r in ref.run_ids], "final_accuracy", {}) if ref.specs else None
+            args["target"] = value.mean / 100 if value is not None and value.available else None
+        return args
 
     def grids(self, table: str) -> dict | None:
         """(row, column) -> [(settings, mean or None), ...] over every grid point; None for a table without grid."""
@@ -191,8 +206,10 @@ class ReportBuilder:
         pairs = []
         for j, col in enumerate(t["columns"]):
             cell = next((row[j] for row in self.cells[table] if row[j].specs), None)
-            if cell and "target" in cell.eval:
-                pairs.append(f"{col['label']}: {100 * cell.eval['target']:.0f}%")
+            target = self.metric_args(table, cell).get("target") if cell else None
+            if target is not None:
+                of = f" ({cell.eval['reference']}'s final accuracy)" if "reference" in cell.eval else ""
+                pairs.append(f"{col['label']}: {100 * target:.4g}%{of}")
         return ", ".join(pairs)
 
     def claims_section(self) -> str:
@@ -230,8 +247,8 @@ class ReportBuilder:
                     ids = self.cell_run_ids(plot["table"], self.cells[plot["table"]][rows.index(label)][j])
                     if ids:
                         series.append((label, [self.results[r] for r in ids]))
-                target = next((self.cells[plot["table"]][i][j].eval.get("target") for i in range(len(rows))
-                               if self.cells[plot["table"]][i][j].specs), None)
+                target = next((self.metric_args(plot["table"], self.cells[plot["table"]][i][j]).get("target")
+                               for i in range(len(rows)) if self.cells[plot["table"]][i][j].specs), None)
                 if series:
                     panels.append((col, series, target))
             if not panels:
