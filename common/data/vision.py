@@ -1,13 +1,29 @@
-"""Real image datasets read from `data_root` with torchvision (paper scale). Nothing is downloaded at run time."""
+"""Real image datasets read from `data_root` with torchvision (paper scale). Nothing is downloaded at run time.
+
+- `cifar10`, `cifar100`, `emnist`: torchvision's own formats and file lists.
+- `tinyimagenet`: Tiny-ImageNet-200 as extracted from its zip: `tiny-imagenet-200/wnids.txt`,
+  `train/<wnid>/images/*.JPEG` and `val/images/*.JPEG` with `val/val_annotations.txt` naming each image's wnid.
+  The official test images have no labels, so the validation images are the test split (as in MOON's code).
+  Labels are indices into the sorted wnids.
+- `cinic10`: CINIC-10 as `cinic-10/{train,valid,test}/<class>/*.png`; train is the training split and test the
+  test split. `valid` is not read: the papers train on train only.
+
+Decoding an image-folder dataset (about 100,000 small files) is slow, so the decoded uint8 images are cached
+(`cached`), keyed by every file's path, size and modification time: a changed, added or removed file means a fresh
+decode.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision import datasets
+from torchvision.datasets.folder import make_dataset
 
-from common.data import Dataset, Split, register
+from common.data import Dataset, Split, cached, register
 from common.errors import DatasetCorrupt, DatasetMissing
 
 CIFAR_SOURCE = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -27,7 +43,44 @@ def _emnist_files(root: Path) -> list[Path]:
             for kind in ("images-idx3", "labels-idx1")]
 
 
+TINYIMAGENET_DIR = "tiny-imagenet-200"
+TINYIMAGENET_HOWTO = ("Download http://cs231n.stanford.edu/tiny-imagenet-200.zip on a machine with internet access "
+                      "and unzip it into data_root (giving <data_root>/tiny-imagenet-200/wnids.txt)")
+# CIFAR-10's class order, which CINIC-10 shares
+CINIC10_DIR = "cinic-10"
+CINIC10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CINIC10_HOWTO = ("Download CINIC-10.tar.gz from https://datashare.ed.ac.uk/handle/10283/3192 on a machine with "
+                 "internet access and unpack it into <data_root>/cinic-10/ (giving <data_root>/cinic-10/train/"
+                 "airplane/*.png)")
+
+
+def _nonempty_dir(p: Path) -> bool:
+    return p.is_dir() and any(p.iterdir())
+
+
+def _wnids(base: Path) -> list[str]:
+    return sorted(set((base / "wnids.txt").read_text().split()))
+
+
+def _folder_missing(name: str, root: Path) -> list[str]:
+    """Files and folders (with a trailing /) of the image-folder datasets that are absent or empty."""
+    if name == "tinyimagenet":
+        base = root / TINYIMAGENET_DIR
+        files = [base / "wnids.txt", base / "val" / "val_annotations.txt"]
+        # without wnids.txt the class folders are unknown: name the train folder itself
+        folders = ([base / "train" / w / "images" for w in _wnids(base)] if files[0].is_file() else [base / "train"])
+        folders.append(base / "val" / "images")
+    elif name == "cinic10":
+        files, folders = [], [root / CINIC10_DIR / s / c for s in ("train", "test") for c in CINIC10_CLASSES]
+    else:
+        return []
+    return ([str(f) for f in files if not f.is_file()] +
+            [str(p) + "/" for p in folders if not _nonempty_dir(p)])
+
+
 def missing_files(name: str, root: Path) -> list[str]:
+    if name in ("tinyimagenet", "cinic10"):
+        return _folder_missing(name, root)
     if name == "emnist":
         return [str(f) for f in _emnist_files(root) if not f.is_file()]
     cls = TORCHVISION_CLASSES.get(name)
@@ -94,3 +147,103 @@ def emnist(root: Path) -> Dataset:
     return Dataset("emnist", to_split(train), to_split(test), len(datasets.EMNIST.classes_split_dict[EMNIST_SPLIT]),
                    f"EMNIST {EMNIST_SPLIT} from {root / 'EMNIST' / 'raw'} (torchvision format), 28x28x1, "
                    f"values in [0, 1]")
+
+
+def _require(name: str, root: Path, howto: str) -> None:
+    missing = missing_files(name, root)
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise DatasetMissing(f"{name} is not in data_root '{root}': missing {shown}. {howto}.")
+
+
+def _image_files(folder: Path, classes, extension: str) -> list[tuple[str, int]]:
+    """(path, label) of every image under folder/<class>/ (recursively), sorted by class, then path."""
+    try:
+        return make_dataset(str(folder), {c: i for i, c in enumerate(classes)}, extensions=(extension,))
+    except FileNotFoundError as e:  # a class folder with no image of this extension
+        raise DatasetMissing(f"{folder}: {e}") from None
+
+
+def _files_key(root: Path, paths) -> str:
+    """Hash of the files' paths (relative to root, so the same files moved elsewhere still match), sizes and mtimes."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise DatasetMissing(f"cannot read {p}: {e.strerror}") from None
+        h.update(f"{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _decode(samples: list[tuple[str, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, size, size) images (grey ones replicated to RGB) and int64 labels."""
+    from PIL import Image  # torchvision.io's decoders are deprecated
+    x = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+    for i, (path, _) in enumerate(samples):
+        try:
+            with Image.open(path) as im:
+                img = np.array(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise DatasetCorrupt(f"cannot read image {path} ({e}); re-extract it") from None
+        if img.shape[:2] != (size, size):
+            raise DatasetCorrupt(f"image {path} is {img.shape[1]}x{img.shape[0]}, expected {size}x{size}; "
+                                 f"re-extract it")
+        x[i] = torch.from_numpy(img).permute(2, 0, 1)
+    return x, torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
+def _cached_images(name: str, root: Path, train, test, extra_files, size: int) -> dict:
+    key = _files_key(root, [*extra_files, *(p for p, _ in train), *(p for p, _ in test)])
+
+    def build():
+        (train_x, train_y), (test_x, test_y) = _decode(train, size), _decode(test, size)
+        return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+    return cached(name, "pillow", build, key=key)
+
+
+def _standardised(x: torch.Tensor, y: torch.Tensor, mean, std) -> Split:
+    x = x.float().div_(255.0)
+    x.sub_(torch.tensor(mean).view(1, 3, 1, 1)).div_(torch.tensor(std).view(1, 3, 1, 1))
+    return Split(x, y)
+
+
+@register("tinyimagenet")
+def tinyimagenet(root: Path) -> Dataset:
+    _require("tinyimagenet", root, TINYIMAGENET_HOWTO)
+    base = root / TINYIMAGENET_DIR
+    wnids = _wnids(base)
+    train = _image_files(base / "train", wnids, ".jpeg")
+    index = {w: i for i, w in enumerate(wnids)}
+    test = []
+    annotations = base / "val" / "val_annotations.txt"
+    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index:
+            raise DatasetCorrupt(f"{annotations}, line {n}: expected '<image>\\t<wnid>...' with a wnid from "
+                                 f"wnids.txt, got '{line[:80]}'; re-extract it")
+        test.append((str(base / "val" / "images" / fields[0]), index[fields[1]]))
+    test.sort()
+    data = _cached_images("tinyimagenet", root, train, test, [base / "wnids.txt", annotations], 64)
+    # the commonly used per-channel mean and std of Tiny-ImageNet's training images
+    mean, std = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
+    return Dataset("tinyimagenet", _standardised(data["train_x"], data["train_y"], mean, std),
+                   _standardised(data["test_x"], data["test_y"], mean, std), len(wnids),
+                   f"Tiny-ImageNet from {base} (train: train/, test: val/ with val_annotations.txt), "
+                   f"{len(wnids)} classes, 64x64x3, per-channel standardised")
+
+
+@register("cinic10")
+def cinic10(root: Path) -> Dataset:
+    _require("cinic10", root, CINIC10_HOWTO)
+    base = root / CINIC10_DIR
+    train, test = (_image_files(base / s, CINIC10_CLASSES, ".png") for s in ("train", "test"))
+    data = _cached_images("cinic10", root, train, test, [], 32)
+    # CINIC-10's per-channel mean and std as published with it (github.com/BayesWatch/cinic-10)
+    mean, std = (0.47889522, 0.47227842, 0.43047404), (0.24205776, 0.23828046, 0.25874835)
+    return Dataset("cinic10", _standardised(data["train_x"], data["train_y"], mean, std),
+                   _standardised(data["test_x"], data["test_y"], mean, std), len(CINIC10_CLASSES),
+                   f"CINIC-10 from {base} (train: train/, test: test/; valid/ unused), 32x32x3, "
+                   f"per-channel standardised")
