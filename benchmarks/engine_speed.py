@@ -1,7 +1,7 @@
 """Engine speed: this suite's federated engine against a plain PyTorch loop and Flower's simulation.
 
     python benchmarks/engine_speed.py                      # cnn and resnet8, 3 rounds, 1 torch thread
-    python benchmarks/engine_speed.py --models cnn --rounds 5 --channels-last --profile
+    python benchmarks/engine_speed.py --models cnn --rounds 5 --channels-last --batched-clients --profile
 
 One fixed workload: FedAvg on MNIST 5k (4,000 training images, offline), Dirichlet(alpha=1) partition over 20
 clients, client fraction C=0.4 (8 clients per round), 2 local epochs, batch 32, SGD lr 0.1, seed 0. The three
@@ -10,6 +10,8 @@ implementations see the identical data, partition, client sampling, initial mode
   (a) engine  common.fl.FederatedRun, as the workflow runs it (`python -m common.train`);
   (b) plain   `plain_fedavg` below: a DataLoader per client, copy.deepcopy of the global model per client,
               state_dict averaging (what most FL code bases do);
+  (a2) --batched-clients: the round's clients trained together, one torch.func.vmap over their stacked weights
+              per step (the idea of batching clients; measured here, not in the engine: it was no faster);
   (c) flower  Flower's simulation runtime (Ray backend) running (b)'s client code as a ClientApp and Flower's
               FedAvg strategy, sampling the same clients; skipped with one line when flwr is not installed
               (`pip install -e '.[bench]'`).
@@ -222,6 +224,63 @@ def plain_fedavg(spec: dict, data, parts) -> dict:
     return {**clock.rounds(), "accuracy": accs, "states": states}
 
 
+# --- (a2) the round's clients trained together (torch.func.vmap), measured, not in the engine ---------------
+def batched_local_train(model, x, y, parts, clients: list[int], spec: dict, round_index: int, global_state: dict):
+    """Local SGD of all `clients` at once: their parameters and buffers stacked, one vmap(functional_call) per step
+    (a convolution with per-client weights becomes a grouped convolution), each client's batches in the engine's
+    order. Clients whose step has the same batch size run together (no padding). Plain SGD, as in the workload.
+    Returns each client's final state."""
+    t = spec["training"]
+    assert t["momentum"] == 0 and t["weight_decay"] == 0, "the benchmark's workload uses plain SGD"
+    plans = []
+    for k in clients:
+        idx = parts[k]
+        gen = torch.Generator().manual_seed(sub_seed(spec["seed"], round_index, k))
+        plans.append([idx[perm[i:i + t["batch_size"]]] for perm in
+                      (torch.randperm(len(idx), generator=gen) for _ in range(t["local_epochs"]))
+                      for i in range(0, len(idx), t["batch_size"])])
+    params = [n for n, _ in model.named_parameters()]
+    stacked = {n: v.unsqueeze(0).repeat(len(clients), *[1] * v.dim()) for n, v in global_state.items()}
+    model.train()
+    loss = torch.func.vmap(lambda p, b, xb, yb: F.cross_entropy(torch.func.functional_call(model, (p, b), (xb,)), yb))
+    for step in range(max(map(len, plans))):
+        groups: dict[int, list[int]] = {}
+        for i, plan in enumerate(plans):
+            if step < len(plan):
+                groups.setdefault(len(plan[step]), []).append(i)
+        for size, members in groups.items():
+            sel = torch.tensor(members)
+            p = {n: stacked[n][sel].requires_grad_(True) for n in params}
+            b = {n: v[sel] for n, v in stacked.items() if n not in p}  # BN statistics, updated in place per client
+            batch = torch.cat([plans[i][step] for i in members])
+            losses = loss(p, b, x[batch].view(len(members), size, *x.shape[1:]), y[batch].view(len(members), size))
+            grads = torch.autograd.grad(losses.sum(), [p[n] for n in params])
+            with torch.no_grad():
+                for n, g in zip(params, grads):
+                    stacked[n][sel] = p[n] - t["lr"] * g
+                for n, v in b.items():
+                    stacked[n][sel] = v
+    return [{n: v[i].clone() for n, v in stacked.items()} for i in range(len(clients))]
+
+
+def run_batched(spec: dict, data, parts) -> dict:
+    """FedAvg with (a2)'s local training, the engine's aggregation and evaluation."""
+    from common.fl.algorithms import weighted_mean
+    from common.fl.engine import evaluate
+    model = initial_model(spec, data)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    accs, states, clock = [], [], Clock()
+    for r in range(spec["training"]["rounds"]):
+        clients = sample_clients(spec, r)
+        local = batched_local_train(model, data.train.x, data.train.y, parts, clients, spec, r, state)
+        state = weighted_mean(local, [len(parts[k]) for k in clients])
+        model.load_state_dict(state)
+        accs.append(evaluate(model, data.test.x, data.test.y)[0])
+        clock.tick()
+        states.append(state)
+    return {**clock.rounds(), "accuracy": accs, "states": states}
+
+
 # --- (c) Flower's simulation (Ray backend) -------------------------------------------------------------------
 def flower_available() -> str | None:
     """None when flwr with its simulation extra is importable, else the reason."""
@@ -404,13 +463,16 @@ def steady(xs: list[float]) -> float:
     return statistics.mean(xs[1:]) if len(xs) > 1 else float("nan")
 
 
-def compare(model: str, rounds: int, threads: int, flower: bool, channels_last: bool, profile: bool) -> dict:
+def compare(model: str, rounds: int, threads: int, flower: bool, channels_last: bool, batched: bool,
+            profile: bool) -> dict:
     spec = workload(model, rounds)
     data, parts = load(spec)
     torch.set_num_threads(threads)
     res = {"engine": run_engine(spec, data, parts), "plain": plain_fedavg(spec, data, parts)}
     if channels_last:
         res["engine, channels_last"] = run_engine(spec, data, parts, channels_last=True)
+    if batched:
+        res["clients batched (vmap)"] = run_batched(spec, data, parts)
     if flower:
         res["flower"] = run_flower(spec, data, parts, threads)
         torch.set_num_threads(threads)
@@ -438,6 +500,9 @@ def compare(model: str, rounds: int, threads: int, flower: bool, channels_last: 
     if "engine, channels_last" in res:
         print("global weights engine vs engine with channels_last, max |difference| after each round: "
               + " ".join(f"{d:.1e}" for d in weight_diffs(e["states"], res["engine, channels_last"]["states"])))
+    if "clients batched (vmap)" in res:
+        print("global weights engine vs clients batched, max |difference| after each round: "
+              + " ".join(f"{d:.1e}" for d in weight_diffs(e["states"], res["clients batched (vmap)"]["states"])))
     if "flower" in res:
         print(f"flower wall time incl. Ray start-up: {res['flower']['total_seconds']:.1f} s")
     print(f"local training (engine): {flops / 1e6:.2f} MFLOP per sample (forward+backward), {e['samples']} samples "
@@ -461,6 +526,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flower", action="store_true", help="skip (c)")
     ap.add_argument("--channels-last", action="store_true",
                     help="also time the engine with a channels_last model (changes numbers: not the default)")
+    ap.add_argument("--batched-clients", action="store_true",
+                    help="also time FedAvg with the round's clients trained together through torch.func.vmap (a2)")
     ap.add_argument("--profile", action="store_true", help="profile one engine round per model")
     args = ap.parse_args(argv)
     if args.rounds < 2:
@@ -474,7 +541,7 @@ def main(argv=None) -> int:
         print(f"Flower: skipped, {why}")
         flower = False
     for model in args.models:
-        compare(model, args.rounds, args.threads, flower, args.channels_last, args.profile)
+        compare(model, args.rounds, args.threads, flower, args.channels_last, args.batched_clients, args.profile)
     return 0
 
 
