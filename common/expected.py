@@ -3,7 +3,11 @@
 CI re-runs the smoke scale and compares every run's per-round metrics with the committed values; any change
 fails with one line per difference (paper, run, metric, round, expected, got). After an intended change:
 
-    make expected          # rebuilds the smoke results and rewrites tests/expected/<paper>.json
+    make expected          # rebuilds the smoke results and rewrites tests/expected/<cpu>/<paper>.json
+
+Values are kept per CPU instruction set (torch's CPU capability: avx2, avx512, ...): the vectorised kernels of
+each set round float32 sums differently, so the same seed gives the same numbers bit for bit only on CPUs of one
+set. A machine whose set has no folder yet records its own with `make expected`.
 """
 from __future__ import annotations
 
@@ -13,10 +17,15 @@ import sys
 from pathlib import Path
 
 from common.experiments import is_calibration, known_papers, paper_calibrations, paper_runs
-from common.results import REPO, write_json_atomic
+from common.results import REPO, cpu_set, write_json_atomic
 
 EXPECTED_DIR = REPO / "tests" / "expected"
 COMPARED = ("test_accuracy", "test_loss", "train_loss")
+
+
+def expected_path(paper: str) -> Path:
+    """This machine's expected values of `paper`, under its CPU instruction set's folder."""
+    return EXPECTED_DIR / cpu_set() / f"{paper}.json"
 
 
 def describe(spec: dict) -> str:
@@ -70,8 +79,9 @@ def main(argv=None) -> int:
     failures = []
     for paper in args.papers or known_papers():
         got = collect(paper, args.results)
-        path = EXPECTED_DIR / f"{paper}.json"
+        path = expected_path(paper)
         if args.action == "update":
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, got)
             print(f"wrote {path} ({len(got)} runs)")
         else:

@@ -39,6 +39,13 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_set() -> str:
+    """The instruction set torch's CPU kernels use here ('avx2', 'avx512', ...): float32 results are bit-identical
+    across machines of one set and differ in the last digits between sets (their kernels sum in other orders)."""
+    import torch
+    return torch.backends.cpu.get_cpu_capability().lower().replace(" ", "_")
+
+
 def provenance(device: str, threads: int) -> dict:
     import torch
     versions = {}
@@ -56,6 +63,7 @@ def provenance(device: str, threads: int) -> dict:
         "packages": versions,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_set": cpu_set(),
         "device": dev,
         "threads": threads,
     }

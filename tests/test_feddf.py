@@ -82,9 +82,15 @@ def test_feddf_fusion_starts_from_fedavg_and_moves_towards_the_ensemble(tmp_path
     assert isinstance(algo, FedDF)
     algo.setup(ctx)
     clients = []
-    for k in range(2):  # two clients that disagree
+    for labels in (range(0, 5), range(5, 10)):  # two clients that disagree: each has seen half of the classes
         m = make()
-        clients.append({n: v.clone() for n, v in m.state_dict().items()})
+        keep = torch.isin(data.train.y, torch.tensor(list(labels)))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for _ in range(20):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(data.train.x[keep]), data.train.y[keep]).backward()
+            opt.step()
+        clients.append({n: v.detach().clone() for n, v in m.state_dict().items()})
     global_state = ctx.model.state_dict()
     fused = algo.server_update(global_state, clients, [1, 1], 0)
     t_train, t_val = algo.teacher(clients)
@@ -93,5 +99,6 @@ def test_feddf_fusion_starts_from_fedavg_and_moves_towards_the_ensemble(tmp_path
     avg_model.load_state_dict(weighted_mean(clients, [1, 1]))
     fused_model = make()
     fused_model.load_state_dict(fused)
-    assert mean_kd_loss(fused_model, algo.x_val, t_val, 1.0) < mean_kd_loss(avg_model, algo.x_val, t_val, 1.0)
+    # Averaging two disagreeing models loses the ensemble's predictions; distillation recovers part of them.
+    assert mean_kd_loss(fused_model, algo.x_val, t_val, 1.0) < 0.9 * mean_kd_loss(avg_model, algo.x_val, t_val, 1.0)
     assert ctx.history.extra["distill_steps"][0] > 0

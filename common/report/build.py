@@ -367,6 +367,7 @@ class ReportBuilder:
         prov = res[0]["provenance"] if res else {}
         pk = prov.get("packages", {})
         leaks = sum(r["data"]["test_samples_in_train"] for r in res)
+        kernels = f", {prov['cpu_set']} kernels" if prov.get("cpu_set") else ""  # absent in runs of older commits
         out = ["## Provenance", "",
                f"- Runs: {len(res)} ({sum(r['status'] == 'completed' for r in res)} completed, "
                f"{sum(r['status'] == 'diverged' for r in res)} diverged); seeds {self.sc['seeds']}.",
@@ -375,8 +376,8 @@ class ReportBuilder:
                f"{elapsed_report:.1f} s.",
                f"- Code: commit(s) {', '.join(commits)}; report built at commit {git_commit()}.",
                f"- Software: Python {prov.get('python')}, " + ", ".join(f"{k} {v}" for k, v in pk.items() if v) + ".",
-               f"- Device: {prov.get('device')} ({prov.get('processor')}, {prov.get('threads')} thread(s) per run), "
-               f"{prov.get('platform')}.",
+               f"- Device: {prov.get('device')} ({prov.get('processor')}{kernels}, {prov.get('threads')} thread(s) "
+               f"per run), {prov.get('platform')}.",
                f"- Data sanity: test samples also found in a training split, summed over runs: {leaks}; every "
                f"partition assigns each training sample to at most one client, and to exactly one unless it keeps "
                f"only a share of each domain (checked at run time).",
