@@ -21,7 +21,8 @@ report: venv
 test: venv
 	$(VENV)/bin/pytest
 
-# Refresh tests/expected/<this CPU's instruction set>/ after an intended change of smoke-scale numbers (review the diff before committing).
+# Refresh tests/expected/<this CPU's instruction set>/ after an intended change of smoke-scale numbers
+# (review the diff before committing).
 expected: venv
 	rm -rf build/smoke
 	$(VENV)/bin/snakemake -s Snakefile -d build/smoke --cores $(CORES) all --config scale=smoke

@@ -7,7 +7,7 @@ fails with one line per difference (paper, run, metric, round, expected, got). A
 
 Values are kept per CPU instruction set (torch's CPU capability: avx2, avx512, ...): the vectorised kernels of
 each set round float32 sums differently, so the same seed gives the same numbers bit for bit only on CPUs of one
-set. A machine whose set has no folder yet records its own with `make expected`.
+set. On a set with no folder yet the check fails; `make expected` on such a machine records it.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from torch import nn
 from common.data import Dataset, Split
 from common.distill import ensemble_probs, kd_loss, predict_logits
 from common.fl import RunContext, get_algorithm
-from common.fl.engine import History
+from common.fl.engine import FederatedRun, History, clone_state
 from common.models import Classifier
 from papers.feddf.method import FedDF, distill, mean_kd_loss
 
@@ -74,24 +74,21 @@ def test_feddf_fusion_starts_from_fedavg_and_moves_towards_the_ensemble(tmp_path
     def make():
         return build_model("cnn", 1, 10, 28, norm="bn")
     spec = {"seed": 0, "method": {"name": "feddf"},
-            "training": {"rounds": 1, "client_fraction": 1.0, "local_epochs": 1, "batch_size": 32, "lr": 0.1}}
-    ctx = RunContext(spec, data, list(torch.arange(200).chunk(2)), make(), make, torch.device("cpu"), "data",
-                     history=History())
+            "training": {"rounds": 1, "client_fraction": 1.0, "local_epochs": 5, "batch_size": 32, "lr": 0.1}}
+    # Two clients that disagree: each holds half of the classes.
+    label_split = [torch.nonzero(data.train.y < 5).flatten(), torch.nonzero(data.train.y >= 5).flatten()]
+    ctx = RunContext(spec, data, label_split, make(), make, torch.device("cpu"), "data", history=History())
     algo = get_algorithm({"name": "feddf", "unlabeled": "digits28", "steps": 30, "batch_size": 64, "lr": 1e-3,
                           "patience": 30, "eval_every": 10, "unlabeled_limit": 400})
     assert isinstance(algo, FedDF)
     algo.setup(ctx)
-    clients = []
-    for labels in (range(0, 5), range(5, 10)):  # two clients that disagree: each has seen half of the classes
-        m = make()
-        keep = torch.isin(data.train.y, torch.tensor(list(labels)))
-        opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        for _ in range(20):
-            opt.zero_grad()
-            nn.functional.cross_entropy(m(data.train.x[keep]), data.train.y[keep]).backward()
-            opt.step()
-        clients.append({n: v.detach().clone() for n, v in m.state_dict().items()})
-    global_state = ctx.model.state_dict()
+    global_state = clone_state(ctx.model)
+    run, clients = FederatedRun(ctx, algo), []
+    for k in range(2):
+        ctx.model.load_state_dict(global_state)
+        run.local_train(k, 0)
+        clients.append(clone_state(ctx.model))
+    ctx.model.load_state_dict(global_state)
     fused = algo.server_update(global_state, clients, [1, 1], 0)
     t_train, t_val = algo.teacher(clients)
     avg_model = make()
