@@ -3,7 +3,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.data import Dataset, Split
 from common.distill import ensemble_probs, kd_loss, predict_logits
 from common.fl import RunContext, get_algorithm
 from common.fl.engine import FederatedRun, History, clone_state
