@@ -16,7 +16,6 @@ Papers register their methods with `@register_calibration("name")` in `papers/<p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from common.data.partition import partition_fingerprint
 from common.errors import SuiteError
 from common.fl.algorithms import build_registered, registrar
 from common.fl.engine import evaluate
-from common.results import provenance, run_id, write_json_atomic
+from common.results import provenance, read_result, read_spec, run_id, write_json_atomic
 
 CALIBRATIONS: dict[str, type] = {}
 
@@ -54,7 +53,16 @@ class CalibrationContext:
 
 
 def load_model_file(path: Path, rid: str) -> dict:
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage bytes, not a torch file: one message, not a traceback
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SuiteError(f"model file {path} is unreadable ({type(e).__name__}: {reason}). Delete it and "
+                         f"results/runs/{rid}.json, then run the same snakemake command again to retrain run {rid} "
+                         f"(at start-up the workflow also moves such files aside by itself, with a warning).") from None
+    if not isinstance(ck, dict) or "state_dict" not in ck:
+        raise SuiteError(f"model file {path} holds no model (state_dict); delete it and results/runs/{rid}.json, "
+                         f"then run the same snakemake command again to retrain run {rid}")
     if ck.get("run_id") != rid:
         raise SuiteError(f"{path} holds the model of run {ck.get('run_id')}, not of run {rid}")
     return ck["state_dict"]
@@ -114,12 +122,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     try:
-        record = execute(json.loads(args.spec.read_text()), args.model, json.loads(args.base_result.read_text()),
-                         args.data_root, args.device, args.threads)
+        record = execute(read_spec(args.spec), args.model, read_result(args.base_result), args.data_root,
+                         args.device, args.threads)
+        write_json_atomic(args.out, record)
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json_atomic(args.out, record)
     return 0
 
 

@@ -5,10 +5,13 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) per sample, averaged over the batch, times T^2 (Hinton et al. 2015)."""
+def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0,
+            t_squared: bool = True) -> torch.Tensor:
+    """KL(teacher || softmax(student / T)) per sample, averaged over the batch; times T^2 when `t_squared`
+    (Hinton et al. 2015, the default). FedDF's code divides by T but does not multiply by T^2 (`t_squared=False`)."""
     log_p = F.log_softmax(student_logits / temperature, dim=1)
-    return F.kl_div(log_p, teacher_probs, reduction="batchmean") * temperature ** 2
+    loss = F.kl_div(log_p, teacher_probs, reduction="batchmean")
+    return loss * temperature ** 2 if t_squared else loss
 
 
 @torch.no_grad()

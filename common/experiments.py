@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -138,6 +139,7 @@ class Cell:
     eval_args: tuple  # ((key, value), ...) for the metric
     skipped: str = ""  # why the cell is not run at this scale
     points: tuple = ()  # GridPoints when the table has a grid; empty otherwise
+    confirm_seeds: tuple = ()  # a grid's best point is re-run with these seeds (the grid itself runs the first)
 
     @property
     def run_ids(self) -> list[str]:
@@ -174,8 +176,9 @@ def table_grid(paper: dict, table: str, scale: str) -> dict[str, list]:
 
 
 def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds: list[int] | None = None,
-                 method_label: str | None = None) -> Cell:
-    """The runs of one table cell at a scale; `method_label` replaces the cell's method (for a calibration's base)."""
+                 method_label: str | None = None, use_grid: bool = True) -> Cell:
+    """The runs of one table cell at a scale; `method_label` replaces the cell's method (for a calibration's base);
+    without `use_grid`, a table with a grid resolves to its settings before the grid is applied."""
     t = paper["tables"][table]
     sc = scale_config(paper, scale)
     where = (f"papers/{paper['id']}/paper.yaml (table {table}, row '{t['rows'][row]['label']}', "
@@ -220,22 +223,112 @@ def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds:
     for key, value in settings.items():
         _set_dotted(spec, key, value)
     seeds = sc["seeds"] if seeds is None else seeds
-    axes = {k: v for k, v in table_grid(paper, table, scale).items() if applies(k)}
+    axes = {k: v for k, v in table_grid(paper, table, scale).items() if applies(k) and use_grid}
     points = []
     for values in itertools.product(*axes.values()):
         point = copy.deepcopy(spec)
         for key, value in zip(axes, values):
             _set_dotted(point, key, value)
         validate({**point, "seed": 0}, "run.schema.yaml", where)
-        points.append(GridPoint(tuple(zip(axes, values)), tuple({**point, "seed": int(s)} for s in seeds)))
+        # a grid is tuned on the first seed; its best point alone runs every other seed (`confirmations`)
+        point_seeds = seeds[:1] if axes else seeds
+        points.append(GridPoint(tuple(zip(axes, values)), tuple({**point, "seed": int(s)} for s in point_seeds)))
     specs = tuple(s for p in points for s in p.specs)
-    return Cell(table, row, col, specs, tuple(sorted(eval_args.items())), points=tuple(points) if axes else ())
+    return Cell(table, row, col, specs, tuple(sorted(eval_args.items())), points=tuple(points) if axes else (),
+                confirm_seeds=tuple(int(s) for s in seeds[1:]) if axes else ())
 
 
-def table_cells(paper: dict, table: str, scale: str, seeds=None) -> list[list[Cell]]:
+def confirmations(paper_name: str, scale: str, seeds=None) -> dict[str, tuple]:
+    """Every best-point re-run a paper needs: name -> (table, row, column, seed). Which grid point it trains is
+    only known once the grid has run on the first seed, so it is named by its cell, not by a spec hash."""
+    paper = load_paper(paper_name)
+    out = {}
+    for table in paper["tables"]:
+        for row in table_cells(paper, table, scale, seeds):
+            for cell in row:
+                for s in cell.confirm_seeds:
+                    out[confirmation_name(paper_name, cell, s)] = (cell.table, cell.row, cell.col, s)
+    return out
+
+
+def confirmation_name(paper_name: str, cell: Cell, seed: int) -> str:
+    return f"{paper_name}-{cell.table}-r{cell.row}c{cell.col}-s{seed}"
+
+
+def table_cells(paper: dict, table: str, scale: str, seeds=None, use_grid: bool = True) -> list[list[Cell]]:
     t = paper["tables"][table]
-    return [[resolve_cell(paper, table, r, c, scale, seeds) for c in range(len(t["columns"]))]
+    return [[resolve_cell(paper, table, r, c, scale, seeds, use_grid=use_grid) for c in range(len(t["columns"]))]
             for r in range(len(t["rows"]))]
+
+
+# Tables whose cells are accuracies (or rounds to an accuracy target) get a centralised ceiling per dataset analog.
+ACCURACY_METRICS = ("final_accuracy", "best_accuracy", "mean_last_accuracy", "domain_accuracy")
+CEILING_METRICS = (*ACCURACY_METRICS, "rounds_to_target")
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """The same model trained centrally on the pooled training data of a dataset analog, with the most rounds and
+    local epochs any cell on that analog uses: the accuracy no federated method of the table can be expected to beat.
+    `cells` are the (row, column) indices of the table cells on this analog."""
+    dataset: str  # the analog's loader name
+    train_limit: int | None
+    eval_args: tuple
+    specs: tuple  # one per seed
+    cells: tuple
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [run_id(s) for s in self.specs]
+
+    @property
+    def eval(self) -> dict:
+        return dict(self.eval_args)
+
+
+def centralised_spec(specs: list[dict]) -> dict:
+    """Centralised training of the first spec's data and model: one client holding every training sample the
+    partition uses (a per-domain share stays a share), all rounds and local epochs of the longest of `specs`."""
+    spec = copy.deepcopy(specs[0])
+    spec["method"] = {"name": "centralised"}
+    if spec["partition"]["scheme"] != "domain":
+        spec["partition"] = {"scheme": "iid", "clients": 1}
+    t = spec["training"]
+    t["client_fraction"] = 1.0
+    t["rounds"] = max(s["training"]["rounds"] for s in specs)
+    t["local_epochs"] = max(s["training"]["local_epochs"] for s in specs)
+    return spec
+
+
+def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceiling]:
+    """One ceiling per dataset analog (dataset and size, a per-domain partition, the metric's domain) of a table
+    whose metric is an accuracy; none for other tables. In a rounds-to-target table the ceiling is read as its
+    final accuracy, to compare with the target."""
+    t = paper["tables"][table]
+    if t["metric"] not in CEILING_METRICS:
+        return []
+    groups: dict[str, tuple[tuple, list, list]] = {}  # analog -> (eval args, cells, their training specs)
+    # a table with a grid takes each cell's settings before the grid (the scale's own learning rates)
+    for r, row in enumerate(table_cells(paper, table, scale, seeds, use_grid=False)):
+        for c, cell in enumerate(row):
+            if not cell.specs:
+                continue
+            specs = [training_spec(s) for s in cell.specs]
+            part = specs[0]["partition"]
+            eval_args = tuple((k, v) for k, v in cell.eval_args if k in ("domain", "last_rounds")) \
+                if t["metric"] in ACCURACY_METRICS else ()
+            key = json.dumps([specs[0]["dataset"], part if part["scheme"] == "domain" else None, eval_args],
+                             sort_keys=True)
+            group = groups.setdefault(key, (eval_args, [], []))
+            group[1].append((r, c))
+            group[2].extend(specs)
+    out = []
+    for eval_args, cells, specs in groups.values():
+        spec = centralised_spec(specs)
+        dataset = spec["dataset"]
+        out.append(Ceiling(dataset["name"], dataset.get("train_limit"), eval_args,
+                           tuple({**spec, "seed": s} for s in sorted({x["seed"] for x in specs})), tuple(cells)))
+    return out
 
 
 def check_names(spec: dict, where: str) -> None:
@@ -264,7 +357,9 @@ def check_names(spec: dict, where: str) -> None:
 def _paper_specs(paper_name: str, scale: str, seeds=None) -> list[dict]:
     paper = load_paper(paper_name)
     return [spec for table in paper["tables"]
-            for cell in itertools.chain.from_iterable(table_cells(paper, table, scale, seeds)) for spec in cell.specs]
+            for cell in itertools.chain.from_iterable(table_cells(paper, table, scale, seeds)) for spec in cell.specs] + \
+        [spec for table in paper["tables"] for ceiling in table_ceilings(paper, table, scale, seeds)
+         for spec in ceiling.specs]
 
 
 def paper_runs(paper_name: str, scale: str, seeds=None) -> dict[str, dict]:

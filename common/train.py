@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ from common.data.partition import partition, partition_fingerprint
 from common.errors import SuiteError
 from common.fl import FederatedRun, RunContext, get_algorithm
 from common.models import build_model
-from common.results import provenance, run_id, write_json_atomic
+from common.results import provenance, read_spec, run_id, write_failed, write_json_atomic
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,12 +56,17 @@ def model_factory(spec: dict, data, dev: torch.device):
 
 
 def save_model_atomic(path: Path, rid: str, state: dict) -> None:
-    """The run's final global model (state_dict on the CPU), written under a temporary name first."""
+    """The run's final global model (state_dict on the CPU), written under a temporary name first; a failed write
+    (disk full) leaves the previous file intact and raises `WriteFailed` saying so."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"run_id": rid, "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
-    os.replace(tmp, path)
+    tmp, existed = path.with_name(f".{path.name}.tmp"), path.exists()
+    try:
+        torch.save({"run_id": rid, "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, existed, e) from e
 
 
 def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: int = 1,
@@ -117,15 +121,15 @@ def main(argv=None) -> int:
     ap.add_argument("--model-out", type=Path, help="save the final global model (state_dict) here")
     args = ap.parse_args(argv)
     try:
-        spec = json.loads(args.spec.read_text())
+        spec = read_spec(args.spec)
         if args.checkpoint:
             args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         result = execute(spec, args.data_root, args.device, args.threads, progress=sys.stderr.isatty(),
                          checkpoint=args.checkpoint, model_out=args.model_out)
+        write_json_atomic(args.out, result)
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json_atomic(args.out, result)
     if args.checkpoint:
         args.checkpoint.unlink(missing_ok=True)
     return 0

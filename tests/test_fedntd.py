@@ -55,12 +55,27 @@ def test_not_true_logits_drop_exactly_the_true_column():
 
 
 @pytest.mark.parametrize("tau", [1.0, 3.0])
-def test_ntd_loss_is_the_kl_of_the_renormalised_not_true_distributions(tau):
+def test_ntd_loss_is_tau_squared_times_the_kl_of_the_renormalised_not_true_distributions(tau):
     s, t, y = batch()
     got = ntd_loss(s, t, y, tau).item()
-    assert abs(got - direct_ntd(s.double().numpy(), t.double().numpy(), y.numpy(), tau)) < 1e-5
+    assert abs(got - tau ** 2 * direct_ntd(s.double().numpy(), t.double().numpy(), y.numpy(), tau)) < 1e-5
     # and it is not the full-softmax KL (which depends on the true class)
-    assert abs(got - lsd_loss(s, t, tau).item()) > 1e-3
+    assert abs(got / tau ** 2 - lsd_loss(s, t, tau).item()) > 1e-3
+
+
+def test_ntd_loss_has_the_authors_tau_squared_factor():
+    """The authors' current NTD_Loss: tau^2 * KLDiv(batchmean) of the temperature-tau not-true softmaxes; pinned
+    at tau = 2.5 against the KL written out with plain arithmetic (the factor 6.25 is not there at tau = 1)."""
+    s, t, y = batch(4)
+    tau = 2.5
+    kl = []
+    for si, ti, yi in zip(s.double().tolist(), t.double().tolist(), y.tolist()):
+        si, ti = [v for j, v in enumerate(si) if j != yi], [v for j, v in enumerate(ti) if j != yi]
+        zs, zt = sum(np.exp(v / tau) for v in si), sum(np.exp(v / tau) for v in ti)
+        kl.append(sum(np.exp(b / tau) / zt * (b / tau - np.log(zt) - a / tau + np.log(zs)) for a, b in zip(si, ti)))
+    direct = float(np.mean(kl))
+    assert direct > 1e-2
+    assert ntd_loss(s, t, y, tau).item() == pytest.approx(6.25 * direct, rel=1e-5)
 
 
 def test_ntd_loss_ignores_the_true_class_logit():
@@ -98,7 +113,7 @@ def test_fedntd_loss_is_ce_plus_beta_ntd():
     algo.teacher_logits = lambda x: t
     got = algo.local_loss(lambda x: s, None, y).item()
     ce = np.mean([-np.log(softmax(si)[yi]) for si, yi in zip(s.double().numpy(), y.numpy())])
-    assert abs(got - (ce + 0.7 * direct_ntd(s.double().numpy(), t.double().numpy(), y.numpy(), 2.0))) < 1e-5
+    assert abs(got - (ce + 0.7 * 4.0 * direct_ntd(s.double().numpy(), t.double().numpy(), y.numpy(), 2.0))) < 1e-5
 
 
 def test_invalid_hyper_parameters_are_one_clear_error():

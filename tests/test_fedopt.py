@@ -1,58 +1,160 @@
-"""Adaptive server optimisers (Algorithm 2 of Reddi et al.) and SCAFFOLD, against independent computations."""
+"""Adaptive server optimisers (the authors' Keras Adam / Adagrad / Yogi rule) and SCAFFOLD, against independent
+computations."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from common.fl import FederatedRun, get_algorithm
+from common.fl.server_optim import AdagradServer, AdamServer, YogiServer
 from test_fl import make_ctx, random_states, run, tiny_data, tiny_model
 
 BETA1, BETA2, TAU, LR = 0.8, 0.95, 0.05, 0.3
 
 
-def algorithm2_numpy(method, x, client_rounds, lr=LR, beta1=BETA1, beta2=BETA2, tau=TAU):
-    """Algorithm 2 written out for one parameter array: x_t after each round, clients weighted equally."""
-    delta, v, out = np.zeros_like(x), np.full_like(x, tau ** 2), []
-    for clients in client_rounds:
-        mean_change = np.mean([xi - x for xi in clients], axis=0)
-        delta = beta1 * delta + (1 - beta1) * mean_change
-        d2 = delta ** 2
-        if method == "fedadagrad":
-            v = v + d2
-        elif method == "fedyogi":
-            v = v - (1 - beta2) * d2 * np.sign(v - d2)
-        else:
-            v = beta2 * v + (1 - beta2) * d2
-        x = x + lr * delta / (np.sqrt(v) + tau)
+# --- the authors' update rules, written out in NumPy (google-research/federated, optimization/: the server optimiser
+# is Keras' Adam or Adagrad (TF 2.x OptimizerV2) or their utils/optimizers/yogi.py, applied to the pseudo-gradient
+# g = x - mean(x_i), epsilon = tau, initial accumulator 0) -------------------------------------------------------------
+
+def keras_adam(x, grads, lr, beta1, beta2, eps):
+    m, v, out = np.zeros_like(x), np.zeros_like(x), []
+    for t, g in enumerate(grads, start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        lr_t = lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        x = x - lr_t * m / (np.sqrt(v) + eps)
         out.append(x)
     return out
 
 
+def authors_yogi(x, grads, lr, beta1, beta2, eps, v0=0.0):
+    m, v, out = np.zeros_like(x), np.full_like(x, v0), []
+    for t, g in enumerate(grads, start=1):
+        m = beta1 * m + (1 - beta1) * g if beta1 > 0 else g
+        v = v + (1 - beta2) * np.sign(g * g - v) * g * g
+        lr_t = lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        x = x - lr_t * m / (np.sqrt(v) + eps)
+        out.append(x)
+    return out
+
+
+def keras_adagrad(x, grads, lr, eps, v0=0.0):
+    acc, out = np.full_like(x, v0), []
+    for g in grads:
+        acc = acc + g * g
+        x = x - lr * g / (np.sqrt(acc) + eps)
+        out.append(x)
+    return out
+
+
+def adagrad_with_momentum(x, grads, lr, beta1, eps):
+    """FedAdagrad with beta1 > 0 (not in the authors' runs): Algorithm 2's momentum line, Adagrad's accumulator."""
+    m, acc, out = np.zeros_like(x), np.zeros_like(x), []
+    for g in grads:
+        m = beta1 * m + (1 - beta1) * g
+        acc = acc + g * g
+        x = x - lr * m / (np.sqrt(acc) + eps)
+        out.append(x)
+    return out
+
+
+def authors_rule(name, x, grads, lr=LR, beta1=BETA1, beta2=BETA2, tau=TAU):
+    if name == "fedadam":
+        return keras_adam(x, grads, lr, beta1, beta2, tau)
+    if name == "fedyogi":
+        return authors_yogi(x, grads, lr, beta1, beta2, tau)
+    if beta1 == 0:
+        return keras_adagrad(x, grads, lr, tau)
+    return adagrad_with_momentum(x, grads, lr, beta1, tau)
+
+
+OPTIMIZERS = {"fedadagrad": AdagradServer, "fedadam": AdamServer, "fedyogi": YogiServer}
+
+# Tiny pseudo-gradients: a zero coordinate, a sign change, a large and a small coordinate, and a coordinate that is
+# 0 in one step only (Yogi's sign(g^2 - v) takes all three values over these steps).
+X0 = np.array([0.5, -1.0, 2.0, 0.0, 0.25])
+GRADS = [np.array([0.2, 0.0, -3.0, 1e-3, 0.4]),
+         np.array([-0.1, 0.0, -2.0, 1e-3, 0.0]),
+         np.array([0.3, 0.0, 4.0, -2e-3, 0.5])]
+
+
+def steps_of(optimizer, x0, grads, **hyper):
+    p = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    opt = optimizer([p], **hyper)
+    out = []
+    for g in grads:
+        p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        out.append(p.detach().numpy().copy())
+    return out
+
+
+@pytest.mark.parametrize("name,beta1,beta2", [
+    ("fedadam", 0.9, 0.999), ("fedadam", BETA1, BETA2), ("fedadam", 0.0, BETA2),
+    ("fedyogi", 0.9, 0.999), ("fedyogi", BETA1, BETA2), ("fedyogi", 0.0, BETA2),
+    ("fedadagrad", 0.0, 0.0), ("fedadagrad", BETA1, 0.0)])
+@pytest.mark.parametrize("tau", [1e-3, TAU])
+def test_first_three_steps_follow_the_authors_rule(name, beta1, beta2, tau):
+    ours = steps_of(OPTIMIZERS[name], X0, GRADS, lr=LR, beta1=beta1, beta2=beta2, tau=tau)
+    expected = authors_rule(name, X0, GRADS, beta1=beta1, beta2=beta2, tau=tau)
+    for t in range(3):
+        np.testing.assert_allclose(ours[t], expected[t], rtol=1e-12, atol=1e-14, err_msg=f"{name}, step {t + 1}")
+
+
+def test_first_step_by_hand():
+    """Step 1 in closed form (v_0 = 0): Adam and Yogi move by lr * sqrt(1 - b2) * g / (sqrt(1 - b2) |g| + tau),
+    the same for both (Yogi's sign(g^2 - 0) = 1); Adagrad by lr * g / (|g| + tau). Numbers for g = 0.2, lr = 0.1,
+    beta2 = 0.99, tau = 0.01: sqrt(0.01) = 0.1, so Adam's step is 0.1 * 0.1 * 0.2 / (0.1 * 0.2 + 0.01)
+    = 0.1 * 0.02 / 0.03."""
+    x0, g = np.array([1.0]), [np.array([0.2])]
+    for opt in (AdamServer, YogiServer):
+        (x1,) = steps_of(opt, x0, g, lr=0.1, beta1=0.9, beta2=0.99, tau=0.01)
+        np.testing.assert_allclose(x1, 1.0 - 0.1 * 0.02 / 0.03, rtol=1e-12)
+    (x1,) = steps_of(AdagradServer, x0, g, lr=0.1, beta1=0.0, beta2=0.0, tau=0.01)
+    np.testing.assert_allclose(x1, 1.0 - 0.1 * 0.2 / 0.21, rtol=1e-12)
+
+
+def test_not_the_printed_algorithm2():
+    """The printed Algorithm 2 (second moment of the momentum, v_{-1} = tau^2, no bias correction) gives a different
+    FedAdam step 1: lr * (1 - b1) g / (sqrt(b2 tau^2 + (1 - b2) (1 - b1)^2 g^2) + tau). Guard against going back."""
+    lr, b1, b2, tau, g = 1.0, 0.9, 0.999, 1e-3, 1e-2
+    printed = lr * (1 - b1) * g / (np.sqrt(b2 * tau ** 2 + (1 - b2) * ((1 - b1) * g) ** 2) + tau)
+    (x1,) = steps_of(AdamServer, np.array([0.0]), [np.array([g])], lr=lr, beta1=b1, beta2=b2, tau=tau)
+    authors = lr * np.sqrt(1 - b2) * g / (np.sqrt(1 - b2) * g + tau)
+    np.testing.assert_allclose(-x1, authors, rtol=1e-12)
+    assert printed / authors > 1.9  # the printed rule's first step is about twice the authors'
+
+
 def method_spec(name, **kw):
-    params = {"server_lr": LR, "beta1": BETA1, "tau": TAU, **kw}
+    params = {"server_lr": LR, "beta1": 0.0 if name == "fedadagrad" else BETA1, "tau": TAU, **kw}
     if name != "fedadagrad":  # Adagrad's second moment has no decay rate
         params.setdefault("beta2", BETA2)
     return {"name": name, **params}
 
 
 @pytest.mark.parametrize("name", ["fedadagrad", "fedadam", "fedyogi"])
-def test_first_two_rounds_match_algorithm2(name):
+def test_first_three_rounds_of_the_engine_follow_the_authors_rule(name):
+    """Through `server_update`: the pseudo-gradient is x_t - mean(x_i) (clients weighted equally here)."""
     spec = method_spec(name)
     ctx = make_ctx(spec)
     algo = get_algorithm(spec)
     algo.setup(ctx)
     names = [n for n, _ in ctx.model.named_parameters()]
     state = {k: v.clone() for k, v in ctx.model.state_dict().items()}
-    rounds = [random_states(3, seed=20 + r) for r in range(2)]
+    rounds = [random_states(3, seed=20 + r) for r in range(3)]
     ours = []
     for r, clients in enumerate(rounds):
         state = algo.server_update(state, clients, [1, 1, 1], r)
         ours.append(state)
     for n in names:
-        x0 = ctx.model.state_dict()[n].double().numpy()
-        expected = algorithm2_numpy(name, x0, [[c[n].double().numpy() for c in clients] for clients in rounds])
-        for r in range(2):
-            np.testing.assert_allclose(ours[r][n].double().numpy(), expected[r], rtol=1e-5, atol=1e-6,
+        x = ctx.model.state_dict()[n].double().numpy()
+        grads, xs = [], [x]
+        # the clients' states are fixed, so each round's pseudo-gradient depends on the previous round's model
+        for r, clients in enumerate(rounds):
+            grads.append(xs[-1] - np.mean([c[n].double().numpy() for c in clients], axis=0))
+            xs.append(authors_rule(name, x, grads, beta1=spec["beta1"])[-1])
+        for r in range(3):
+            np.testing.assert_allclose(ours[r][n].double().numpy(), xs[r + 1], rtol=1e-5, atol=1e-6,
                                        err_msg=f"{name}, parameter {n}, round {r}")
 
 

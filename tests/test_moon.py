@@ -91,10 +91,12 @@ def make_run(spec):
 
 
 def test_clients_keep_their_previous_local_model():
-    """The negative of a client is its own model after its last local training, also across skipped rounds."""
+    """The negative of a client is its own model after its last local training, also across skipped rounds; before
+    its first training, the initial global model (none in the first round)."""
     spec = {**SPEC, "method": {"name": "moon", "mu": 1.0, "tau": 0.5},
             "training": {**SPEC["training"], "client_fraction": 0.5}}
     run = make_run(spec)
+    initial = clone_state(run.ctx.model)
     algo, seen = run.algo, []
     begin, end = algo.begin_client, algo.end_client
 
@@ -112,34 +114,89 @@ def test_clients_keep_their_previous_local_model():
 
     algo.begin_client, algo.end_client = begin_client, end_client
     run.train(progress=False)
-    trained, checked = {}, 0
-    for client, prev, loaded in seen:
+    trained, checked, first_timers = {}, 0, 0
+    per_round = 2  # 4 clients, fraction 0.5
+    for i, (client, prev, loaded) in enumerate(seen):
         if client in trained:
             last = trained[client]
             assert all(torch.equal(prev[k], last[k]) and torch.equal(loaded[k], last[k]) for k in last)
             checked += 1
-        else:
+        elif i < per_round:  # first round: no negative
             assert prev is None and loaded is None
+        else:
+            assert prev is None and all(torch.equal(loaded[k], initial[k]) for k in initial)
+            first_timers += 1
         trained[client] = ends[client].pop(0)
-    assert checked > 0
+    assert checked > 0 and first_timers > 0
 
 
-def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
-    """The clients' previous models are part of the checkpoint: resuming after round 1 ends like the full run."""
-    spec = {**SPEC, "method": {"name": "moon", "mu": 1.0, "tau": 0.5}}
+def test_a_client_training_for_the_first_time_has_the_initial_model_as_negative():
+    """Partial participation: a client first sampled after the first round has the initial global model as its
+    previous model; its loss is CE + mu * l_con with that negative, evaluated directly with the formula."""
+    mu, tau = 1.0, 0.5
+    spec = {**SPEC, "method": {"name": "moon", "mu": mu, "tau": tau},
+            "training": {**SPEC["training"], "client_fraction": 0.5}}
+    run = make_run(spec)
+    first = {}
+    for r in range(spec["training"]["rounds"]):
+        for k in run.sample_clients(r):
+            first.setdefault(k, r)
+    late = {k: r for k, r in first.items() if r >= 1}
+    assert late, first
+    initial = clone_state(run.ctx.model)
+    algo, current, checked = run.algo, {}, []
+    begin, loss_of, local_train = algo.begin_client, algo.local_loss, run.local_train
+
+    def begin_client(model, global_state, client):
+        begin(model, global_state, client)
+        current.update(client=client, global_state={k: v.clone() for k, v in global_state.items()})
+
+    def train_client(client, round_index):
+        current["round"], current["first_batch"] = round_index, True
+        return local_train(client, round_index)
+
+    def local_loss(model, x, y):
+        loss = loss_of(model, x, y)
+        if current.pop("first_batch", False) and late.get(current["client"]) == current["round"]:
+            with torch.no_grad():
+                glob, prev = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
+                glob.load_state_dict(current["global_state"])
+                prev.load_state_dict(initial)
+                z = model.features(x)
+                ce = torch.nn.functional.cross_entropy(model.head(z), y).item()
+                l_con = direct_l_con(z.double(), glob.features(x).double(), prev.features(x).double(), tau)
+            assert l_con > 0.01
+            assert loss.item() == pytest.approx(ce + mu * l_con, rel=1e-5)
+            checked.append(current["client"])
+        return loss
+
+    algo.begin_client, algo.local_loss, run.local_train = begin_client, local_loss, train_client
+    run.train(progress=False)
+    assert sorted(checked) == sorted(late)
+
+
+@pytest.mark.parametrize("fraction, resume_at", [(1.0, 2), (0.5, 1)])
+def test_resume_from_a_checkpoint_is_bit_identical(tmp_path, fraction, resume_at):
+    """The clients' previous models (and the initial one, the negative of a client that has not trained yet, as
+    client 0 in the second round of the partial-participation run) are part of the checkpoint: resuming ends like
+    the full run."""
+    spec = {**SPEC, "method": {"name": "moon", "mu": 1.0, "tau": 0.5},
+            "training": {**SPEC["training"], "client_fraction": fraction}}
     ref = make_run(spec)
     save = ref.save_checkpoint
 
     def save_and_copy(path, next_round, global_state, hist):
         save(path, next_round, global_state, hist)
-        if next_round == 2:
-            shutil.copy(path, tmp_path / "after2.pt")
+        if next_round == resume_at:
+            shutil.copy(path, tmp_path / "resume.pt")
 
     ref.save_checkpoint = save_and_copy
     h_ref = ref.train(progress=False, checkpoint=tmp_path / "ref.pt")
+    saved = ref.algo.checkpoint_state()
+    assert {"prev", "initial", "rounds_done"} <= set(saved.get("attributes", saved))
     resumed = make_run(spec)
-    h = resumed.train(progress=False, checkpoint=tmp_path / "after2.pt")
-    assert h.resumed_at == [2]
+    h = resumed.train(progress=False, checkpoint=tmp_path / "resume.pt")
+    assert h.resumed_at == [resume_at]
     assert (h.test_accuracy, h.test_loss, h.train_loss) == (h_ref.test_accuracy, h_ref.test_loss, h_ref.train_loss)
     final, final_ref = clone_state(resumed.ctx.model), clone_state(ref.ctx.model)  # the last global model evaluated
     assert all(torch.equal(final[k], final_ref[k]) for k in final_ref)

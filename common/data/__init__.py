@@ -83,6 +83,18 @@ def register(name: str):
     return deco
 
 
+# How reports name each loader's data, so an analog is never mistaken for the paper's dataset.
+DATASET_NAMES = {"mnist5k": "MNIST 5k", "mnist1d": "mnist1d", "digits5": "digits5 (offline)", "digits28": "sklearn digits",
+                 "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "emnist": "EMNIST", "tinyimagenet": "Tiny-ImageNet",
+                 "cinic10": "CINIC-10", "digits_five": "Digits-Five", "office_caltech10": "Office-Caltech-10",
+                 "domainnet10": "DomainNet (10 classes)"}
+
+
+def dataset_name(name: str, train_limit: int | None = None) -> str:
+    """A loader's data as a report names it, with the training-set size when a scale limits it."""
+    return DATASET_NAMES.get(name, name) + (f" ({train_limit} train)" if train_limit else "")
+
+
 def known_loaders() -> dict[str, Callable[..., Dataset]]:
     """Every registered loader. The modules that register them are imported here, lazily, so that importing
     common.data stays cheap."""

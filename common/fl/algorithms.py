@@ -109,14 +109,68 @@ class Algorithm:
         return torch.optim.SGD(params, lr=self.server_lr, momentum=self.server_momentum)
 
     def checkpoint_state(self) -> dict:
-        """The algorithm's evolving state (server optimiser, per-client state, ...), saved after every round.
+        """The algorithm's evolving state (server optimiser, per-client state, ...), saved after every round as
+        plain data that `torch.load(weights_only=True)` reads: {"attributes": ..., "optimizers": ...}.
 
         Every attribute not listed in `transient` is saved, so subclasses that keep state across rounds
-        (control variates, personal layers) are resumable without extra code."""
-        return {k: v for k, v in vars(self).items() if k not in self.transient}
+        (control variates, personal layers) are resumable without extra code: tensors (detached), numbers,
+        strings, None and lists, tuples, sets and dicts of them as they are, a torch optimiser as its
+        `state_dict()`. Any other object (a model, a generator) is an error naming the attribute: list it in
+        `transient` when `setup` rebuilds it."""
+        import numpy as np
+
+        def plain(value, where: str):
+            if isinstance(value, torch.Tensor):
+                return value.detach()
+            if value is None or isinstance(value, (bool, int, float, str)):
+                return value
+            if isinstance(value, np.generic):
+                return value.item()
+            if isinstance(value, dict):
+                return {k: plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+            if isinstance(value, (list, tuple, set, frozenset)):
+                return type(value)(plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+            raise TypeError(f"{where} ({type(value).__name__}) cannot be saved in a checkpoint as plain data; "
+                            f"list it in {type(self).__name__}.transient if setup() rebuilds it")
+
+        attributes, optimizers = {}, {}
+        for key, value in vars(self).items():
+            if key in self.transient:
+                continue
+            if isinstance(value, torch.optim.Optimizer):
+                optimizers[key] = value.state_dict()
+            else:
+                attributes[key] = plain(value, f"{type(self).__name__}.{key}")
+        return {"attributes": attributes, "optimizers": optimizers}
 
     def restore_checkpoint_state(self, state: dict) -> None:
-        vars(self).update(state)
+        """Inverse of `checkpoint_state`, called after `setup`. Tensors are copied into those `setup` made (so an
+        optimiser keeps pointing at its parameters) where shape and dtype agree, other attributes are replaced,
+        optimisers load their state_dict. Checks first, so a checkpoint that does not fit changes nothing."""
+        attributes, optimizers = state["attributes"], state["optimizers"]
+        for key in optimizers:
+            if not isinstance(getattr(self, key, None), torch.optim.Optimizer):
+                raise ValueError(f"the checkpoint has an optimiser {key!r} this algorithm does not have")
+
+        def restored(current, saved):
+            if (isinstance(current, torch.Tensor) and isinstance(saved, torch.Tensor)
+                    and current.shape == saved.shape and current.dtype == saved.dtype):
+                with torch.no_grad():
+                    current.copy_(saved)
+                return current
+            if isinstance(current, list) and isinstance(saved, list) and len(current) == len(saved):
+                current[:] = [restored(c, s) for c, s in zip(current, saved)]
+                return current
+            return saved
+
+        for key, sd in optimizers.items():  # validate every optimiser state before changing anything
+            opt = getattr(self, key)
+            if [len(g["params"]) for g in opt.param_groups] != [len(g["params"]) for g in sd["param_groups"]]:
+                raise ValueError(f"the checkpoint's optimiser {key!r} has other parameters")
+        for key, value in attributes.items():
+            setattr(self, key, restored(getattr(self, key, None), value))
+        for key, sd in optimizers.items():
+            getattr(self, key).load_state_dict(sd)
 
     # --- client side -------------------------------------------------------------------------------------------
     def begin_client(self, model: torch.nn.Module, global_state: State, client: int) -> None:
@@ -126,7 +180,8 @@ class Algorithm:
         return F.cross_entropy(model(x), y)
 
     def end_client(self, model: torch.nn.Module, global_state: State, client: int, steps: int) -> None:
-        """Called after local training (`steps` SGD steps), before the client's state is collected."""
+        """Called after local training (`steps` SGD steps), before the client's state is collected; the learning
+        rate those steps used (the round's, after lr decay) is `self.ctx.round_lr`."""
 
     # --- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self, run: "FederatedRun", global_state: State) -> dict[str, float]:
@@ -179,3 +234,13 @@ class FedProx(Algorithm):
     def local_loss(self, model, x, y):
         prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), self.anchor))
         return super().local_loss(model, x, y) + 0.5 * self.mu * prox
+
+
+@register_algorithm("centralised")
+class Centralised(Algorithm):
+    """The ceiling of a federated table: the same model trained on the pooled data of every client (one client
+    holding the union of the partition), for the same rounds x local epochs, evaluated like the global model."""
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        ctx.parts[:] = [torch.cat(ctx.parts).sort().values]

@@ -33,6 +33,7 @@ class RunContext:
     device: torch.device
     data_root: str
     history: "History | None" = None
+    round_lr: float | None = None  # the client learning rate of the round being trained, set by local_train
 
 
 @dataclass
@@ -113,6 +114,7 @@ class FederatedRun:
         x, y = self.x[idx], self.y[idx]
         gen = torch.Generator().manual_seed(sub_seed(self.seed, round_index, client))
         lr = self.lr if self.lr_decay == 1.0 else self.lr * self.lr_decay ** round_index
+        self.ctx.round_lr = lr  # for hooks whose maths depends on it (SCAFFOLD's control update in end_client)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         model.train()
         total, steps = 0.0, 0
@@ -131,18 +133,64 @@ class FederatedRun:
         return total / max(steps, 1), steps
 
     def save_checkpoint(self, path: Path, next_round: int, global_state: State, hist: History) -> None:
-        """Everything needed to continue after `next_round - 1`; written atomically (a kill never leaves half)."""
+        """Everything needed to continue after `next_round - 1`, as plain data (tensors, numbers, strings, lists,
+        dicts: `torch.load(weights_only=True)` reads it); written atomically (a kill never leaves half). A failed
+        write (disk full) keeps the previous checkpoint, says so, and training goes on."""
+        import dataclasses
+        import json
+        import sys
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"run": self.ctx.spec, "next_round": next_round, "global_state": global_state,
-                    "algorithm": self.algo.checkpoint_state(), "history": hist}, tmp)
-        os.replace(tmp, path)
+        # the history as the plain data it becomes in the results file (numbers, strings, lists, dicts)
+        history = json.loads(json.dumps(dataclasses.asdict(hist)))
+        try:
+            torch.save({"format": "paperbench-checkpoint/2", "torch": str(torch.__version__), "run": self.ctx.spec,
+                        "next_round": next_round, "global_state": global_state,
+                        "algorithm": self.algo.checkpoint_state(), "history": history}, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+            tmp.unlink(missing_ok=True)
+            print(f"warning: could not write checkpoint {path} after round {next_round} "
+                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); the previous checkpoint is left as it "
+                  f"was and training goes on", file=sys.stderr)
 
     def load_checkpoint(self, path: Path):
-        ck = torch.load(path, weights_only=False, map_location=self.ctx.device)
-        if ck["run"] != self.ctx.spec:
-            raise ValueError(f"checkpoint {path} belongs to another run")
-        self.algo.restore_checkpoint_state(ck["algorithm"])
-        return ck["next_round"], ck["global_state"], ck["history"]
+        """(next_round, global_state, history) saved in `path`, or None when the checkpoint cannot be used:
+        unreadable (truncated, garbage), of another run spec, written by another torch version or in another
+        format. Then a warning names the file and the run starts from round 0, so its result is the same as an
+        uninterrupted run's (the checkpoint is overwritten after the first round)."""
+        import sys
+        reason, ck = None, None
+        try:
+            ck = torch.load(path, weights_only=True, map_location=self.ctx.device)
+        except Exception as e:  # truncated zip, garbage bytes, a pickle of other objects: never fatal
+            import zipfile
+            if "Weights only load failed" in str(e) and zipfile.is_zipfile(path):  # a whole file, other content
+                reason = ("holds objects other than tensors and plain data (written by an older version of the "
+                          "suite?)")
+            else:
+                first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                reason = f"is unreadable ({type(e).__name__}: {first_line})"
+        if reason is None:
+            if not isinstance(ck, dict) or ck.get("format") != "paperbench-checkpoint/2":
+                reason = "is in another checkpoint format (from an older version of the suite)"
+            elif ck.get("torch") != str(torch.__version__):
+                reason = f"was written by torch {ck.get('torch')}, this is torch {torch.__version__}"
+            elif ck.get("run") != self.ctx.spec:
+                reason = "belongs to another run spec"
+        if reason is None:
+            try:
+                hist = History(**ck["history"])
+                self.algo.restore_checkpoint_state(ck["algorithm"])
+                return ck["next_round"], ck["global_state"], hist
+            except Exception as e:
+                reason = f"does not fit this run's algorithm ({type(e).__name__}: {e})"
+                # the algorithm may be half restored: set it up afresh, leaving the global RNG as the first set-up
+                # left it (what the uninterrupted run continues from)
+                with torch.random.fork_rng(devices=[]):
+                    self.algo.setup(self.ctx)
+        print(f"warning: checkpoint {path} {reason}; ignoring it: the run starts again from round 0 (its result is "
+              f"the same as without a checkpoint)", file=sys.stderr)
+        return None
 
     def train(self, progress: bool = True, checkpoint: Path | None = None) -> History:
         """Train all rounds. With `checkpoint`, state is saved after every round and a run restarted after a
@@ -151,8 +199,11 @@ class FederatedRun:
         ctx.history = hist
         algo.setup(ctx)
         global_state, first = clone_state(ctx.model), 0
+        resumed = None
         if checkpoint is not None and Path(checkpoint).is_file():
-            first, global_state, hist = self.load_checkpoint(Path(checkpoint))
+            resumed = self.load_checkpoint(Path(checkpoint))  # None (with a warning) when it cannot be used
+        if resumed is not None:
+            first, global_state, hist = resumed
             ctx.history = hist
             hist.resumed_at.append(first)
         bar = tqdm(range(first, self.rounds), desc=f"{ctx.spec['method']['name']}", unit="round",

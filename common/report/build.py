@@ -13,11 +13,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common.errors import SuiteError
-from common.experiments import Cell, is_calibration, load_paper, scale_config, table_cells, table_grid, training_spec
-from common.report.claims import check_claim
+from common.data import dataset_name
+from common.experiments import (ACCURACY_METRICS, Cell, Ceiling, confirmation_name, is_calibration, load_paper,
+                                scale_config, table_ceilings, table_cells, table_grid, training_spec)
+from common.report.claims import MARKS, PROCEDURE, Verdict, beaten_labels, check_claim
 from common.report.metrics import CellValue, best_of, cell_value, paper_value, within_tolerance
 from common.report.plots import accuracy_per_round, curves, grid_heatmaps, sample_grid
-from common.results import git_commit, run_id, write_text_atomic
+from common.results import git_commit, run_id, write_json_atomic, write_text_atomic
 
 SCALE_NOTE = {
     "paper": "This report ran the paper's setting: each cell is compared with the paper's value within the "
@@ -70,15 +72,38 @@ class ReportBuilder:
         self.name, self.scale, self.data_root = paper_name, scale, data_root
         self.paper = load_paper(paper_name)
         self.sc = scale_config(self.paper, scale)
+        self.seeds = list(seeds) if seeds else self.sc["seeds"]
         self.cells = {t: table_cells(self.paper, t, scale, seeds) for t in self.paper["tables"]}
+        self.ceiling_runs = {t: table_ceilings(self.paper, t, scale, seeds) for t in self.paper["tables"]}
+        # the paper-scale cells, to name the paper's dataset behind each analog
+        self.paper_cells = {t: table_cells(self.paper, t, "paper") for t in self.paper["tables"]} \
+            if "paper" in self.paper["scales"] and scale != "paper" else None
         specs = [s for grid in self.cells.values() for row in grid for cell in row for s in cell.specs]
+        specs += [s for ceilings in self.ceiling_runs.values() for c in ceilings for s in c.specs]
         # training runs (the base runs of calibrations included) and calibrations, both looked up by id
         self.run_ids = sorted({run_id(training_spec(s)) for s in specs})
         self.calibration_ids = sorted({run_id(s) for s in specs if is_calibration(s)})
         self.results = load_results(self.run_ids, results_dir)
+        self.confirmed = self._load_confirmations(results_dir.parent / "confirmations")
         if self.calibration_ids:
             self.results.update(load_results(self.calibration_ids, calibrations_dir or
                                              results_dir.parent / "calibrations"))
+
+    def _load_confirmations(self, folder: Path) -> dict:
+        """(table, row, column) -> the results of a grid cell's best point re-run with the other seeds."""
+        out = {}
+        for table, grid in self.cells.items():
+            for row in grid:
+                for cell in row:
+                    for seed in cell.confirm_seeds:
+                        path = folder / f"{confirmation_name(self.name, cell, seed)}.json"
+                        if not path.is_file():
+                            raise SuiteError(f"confirmation run {path} is missing; build it with `snakemake <report>`")
+                        res = json.loads(path.read_text())
+                        if res.get("run_id"):
+                            self.results[res["run_id"]] = res
+                        out.setdefault((table, cell.row, cell.col), []).append(res)
+        return out
 
     # --- numbers ---------------------------------------------------------------------------------------------
     def point_values(self, table: str, cell: Cell) -> list[tuple[dict, CellValue]]:
@@ -99,7 +124,14 @@ class ReportBuilder:
         if not cell.points:
             return cell.run_ids
         best = self.best_point(table, cell)
-        return best.run_ids if best else []
+        if best is None:
+            return []
+        others = self.confirmed.get((table, cell.row, cell.col), [])
+        stale = [r for r in others if r["spec"] != {**best.specs[0], "seed": r["spec"]["seed"]}]
+        if stale:
+            raise SuiteError(f"table {table}: a confirmation run of cell ({cell.row}, {cell.col}) trained another grid "
+                             f"point than the best one now; delete results/confirmations/ and rebuild")
+        return best.run_ids + [r["run_id"] for r in others]
 
     def ours(self, table: str) -> list[list[CellValue]]:
         t = self.paper["tables"][table]
@@ -136,7 +168,7 @@ class ReportBuilder:
         if not table_grid(self.paper, table, self.scale):
             return None
         rows, cols = self.labels(table)
-        return {(rows[i], cols[j]): [(s, v.mean if v.available else None) for s, v in self.point_values(table, cell)]
+        return {(rows[i], cols[j]): [(s, dict(v.per_seed)) for s, v in self.point_values(table, cell)]
                 for i, row in enumerate(self.cells[table]) for j, cell in enumerate(row) if cell.points}
 
     def theirs(self, table: str) -> list[list[CellValue]]:
@@ -146,9 +178,76 @@ class ReportBuilder:
         t = self.paper["tables"][table]
         return [r["label"] for r in t["rows"]], [c["label"] for c in t["columns"]]
 
-    def as_values(self, table: str, grid) -> dict:
+    def as_samples(self, table: str, grid) -> dict:
+        """(row, column) -> {seed: value} of the seeds that completed (the paper's: {None: published mean})."""
         rows, cols = self.labels(table)
-        return {(rows[i], cols[j]): v.mean for i, r in enumerate(grid) for j, v in enumerate(r) if v.available}
+        return {(rows[i], cols[j]): dict(v.per_seed) for i, r in enumerate(grid) for j, v in enumerate(r)
+                if v.per_seed}
+
+    def ceilings(self, table: str) -> list[tuple[Ceiling, CellValue]]:
+        """Each dataset analog's ceiling and its value: the table's metric for accuracy tables, the final accuracy
+        for rounds-to-target tables."""
+        metric = self.paper["tables"][table]["metric"]
+        metric = metric if metric in ACCURACY_METRICS else "final_accuracy"
+        return [(c, cell_value([self.results[r] for r in c.run_ids], metric, c.eval)) for c in self.ceiling_runs[table]]
+
+    def headroom(self, table: str) -> list[dict]:
+        """Per dataset analog: the ceiling, the best baseline a claim says is beaten (or the target of a
+        rounds-to-target table) and the room between them, in points."""
+        t = self.paper["tables"][table]
+        rows, cols = self.labels(table)
+        beaten = set().union(*(beaten_labels(c["check"], cols) for c in self.paper["claims"]
+                               if c["check"]["table"] == table))
+        ours = self.ours(table)
+        out = []
+        for ceiling, value in self.ceilings(table):
+            analog = dataset_name(ceiling.dataset, ceiling.train_limit) + \
+                (f", domain {ceiling.eval['domain']}" if "domain" in ceiling.eval else "")
+            entry = {"analog": analog, "ceiling": value, "cells": len(ceiling.cells), "baseline": None, "of": None,
+                     "room": None, "rounds": ceiling.specs[0]["training"]["rounds"],
+                     "local_epochs": ceiling.specs[0]["training"]["local_epochs"]}
+            if t["metric"] == "rounds_to_target":
+                i, j = ceiling.cells[0]
+                target = self.metric_args(table, self.cells[table][i][j]).get("target")
+                if target is not None:
+                    entry.update(baseline=CellValue(100 * target, n=1), of="target")
+            else:
+                base = [(ours[i][j], f"{rows[i]}, {cols[j]}") for i, j in ceiling.cells
+                        if (rows[i] in beaten or cols[j] in beaten) and ours[i][j].available]
+                if base:
+                    best, where = max(base, key=lambda b: b[0].mean)
+                    entry.update(baseline=best, of=where)
+            if value.available and entry["baseline"] is not None:
+                entry["room"] = value.mean - entry["baseline"].mean
+            out.append(entry)
+        return out
+
+    def analogs(self, table: str) -> tuple[list[str], list[str], list[str]]:
+        """Row and column labels of our table, each naming the analog it ran on when the label names a paper
+        dataset ("CIFAR-10 → MNIST 5k"), and every "paper dataset → analog" of the table."""
+        rows, cols = self.labels(table)
+        if self.paper_cells is None:
+            return rows, cols, []
+        pairs = {}
+        for i, row in enumerate(self.cells[table]):
+            for j, cell in enumerate(row):
+                theirs = self.paper_cells[table][i][j]
+                if cell.specs and theirs.specs:
+                    ds = training_spec(cell.specs[0])["dataset"]
+                    pairs[i, j] = (dataset_name(training_spec(theirs.specs[0])["dataset"]["name"]),
+                                   dataset_name(ds["name"], ds.get("train_limit")))
+
+        def relabel(label: str, line: list) -> str:
+            found = {pairs[k] for k in line if k in pairs}
+            if len(found) == 1:
+                paper_ds, ours = next(iter(found))
+                if paper_ds in label and paper_ds != ours:
+                    return f"{label} → {ours}"
+            return label
+        new_rows = [relabel(r, [(i, j) for j in range(len(cols))]) for i, r in enumerate(rows)]
+        new_cols = [relabel(c, [(i, j) for i in range(len(rows))]) for j, c in enumerate(cols)]
+        mappings = sorted({f"{p} → {o}" for p, o in pairs.values() if p != o})
+        return new_rows, new_cols, mappings
 
     # --- sections --------------------------------------------------------------------------------------------
     def header(self) -> str:
@@ -170,8 +269,12 @@ class ReportBuilder:
         out += ["**Paper**", "", _md_table([""] + cols, [[r] + [v.display(2 if d else 0) for v in row]
                                                           for r, row in zip(rows, theirs)]), ""]
         targets = self._targets(table)
-        out += [f"**Ours ({self.scale} scale)**" + (f" — targets at this scale: {targets}" if targets else ""), "",
-                _md_table([""] + cols, [[r] + [v.display(d) for v in row] for r, row in zip(rows, ours)]), ""]
+        our_rows, our_cols, analogs = self.analogs(table)
+        data = f" — analog data, not the paper's: {'; '.join(analogs)}" if analogs else ""
+        out += [f"**Ours ({self.scale} scale{data})**" + (f" — targets at this scale: {targets}" if targets else ""),
+                "", _md_table([""] + our_cols, [[r] + [v.display(d) for v in row] for r, row in zip(our_rows, ours)]),
+                "", self._seeds_note(ours), ""]
+        out += self._ceiling_lines(table)
         if self.scale == "paper":
             tol = t.get("tolerance", {"relative": 0.1})
             marks = [[{True: "✅", False: "❌", None: "—"}[within_tolerance(o, p, tol)] for o, p in zip(ro, rp)]
@@ -180,6 +283,33 @@ class ReportBuilder:
                                                                                           zip(rows, marks)]), ""]
         out += self._best_points(table)
         return "\n".join(out)
+
+    def _seeds_note(self, grid: list[list[CellValue]]) -> str:
+        ns = sorted({v.n for row in grid for v in row if v.n})
+        if not ns:
+            return "_No cell of this table is run at this scale._"
+        n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+        return (f"_Mean ± standard deviation over n = {n} seeds per cell (seeds {self.seeds}); the same seed gives "
+                f"every method the same partition and initialisation._")
+
+    def _ceiling_lines(self, table: str) -> list[str]:
+        """The centralised ceiling of each dataset analog and the room below it for the claimed effects."""
+        rooms = self.headroom(table)
+        if not rooms:
+            return []
+        d = 2
+        rounds = self.paper["tables"][table]["metric"] == "rounds_to_target"
+        lines = []
+        for e in rooms:
+            room = "—" if e["room"] is None else f"{e['room']:.{d}f}" + (" ⚠ < 3 points" if e["room"] < 3 else "")
+            base = "—" if e["baseline"] is None else f"{e['baseline'].display(d)} ({e['of']})"
+            lines.append([e["analog"], f"{e['rounds']} × {e['local_epochs']}", e["ceiling"].display(d), base, room])
+        what = "target accuracy (%)" if rounds else "best baseline a claim says is beaten"
+        return [f"**Ceiling ({self.scale} scale)** — the same model trained centrally on the pooled training data of "
+                f"all clients (rounds × local epochs of the longest cell), accuracy in %; the room is the ceiling minus "
+                f"the {'target' if rounds else 'best such baseline'}. A room under 3 points leaves no space for the "
+                f"claimed effect. The paper reports no centralised number for this table.", "",
+                _md_table(["dataset analog", "rounds × epochs", "ceiling", what, "room (points)"], lines), ""]
 
     def _best_points(self, table: str) -> list[str]:
         """For a table with a grid: the grid at this scale and the grid point behind each of our cells."""
@@ -195,8 +325,9 @@ class ReportBuilder:
             return "all diverged" if point is None else ", ".join(f"{k}={_g(v)}" for k, v in point.settings)
 
         axes = "; ".join(f"`{k}` ∈ {{{', '.join(_g(v) for v in values)}}}" for k, values in grid.items())
-        return [f"**Best grid point per cell (ours)** — grid at this scale: {axes}. Each cell above is its best point; "
-                f"a `method.*` axis applies only to the methods that have that hyper-parameter.", "",
+        return [f"**Best grid point per cell (ours)** — grid at this scale: {axes}. The grid runs on seed "
+                f"{self.seeds[0]}; each cell above is its best point there, re-run with the other seeds. A `method.*` "
+                f"axis applies only to the methods that have that hyper-parameter.", "",
                 _md_table([""] + cols, [[r] + [best(c) for c in row] for r, row in zip(rows, self.cells[table])]), ""]
 
     def _targets(self, table: str) -> str:
@@ -212,20 +343,32 @@ class ReportBuilder:
                 pairs.append(f"{col['label']}: {100 * target:.4g}%{of}")
         return ", ".join(pairs)
 
-    def claims_section(self) -> str:
-        rows = []
+    def verdicts(self) -> list[tuple[dict, Verdict, Verdict]]:
+        """(claim, verdict on the paper's numbers, verdict on ours) for every claim of the paper."""
+        out = []
         for claim in self.paper["claims"]:
             chk = claim["check"]
             t = self.paper["tables"][chk["table"]]
             r, c = self.labels(chk["table"])
             lower = t.get("lower_is_better", False)
-            on_paper = check_claim(chk, self.as_values(chk["table"], self.theirs(chk["table"])), r, c, lower)
-            on_ours = check_claim(chk, self.as_values(chk["table"], self.ours(chk["table"])), r, c, lower,
+            on_paper = check_claim(chk, self.as_samples(chk["table"], self.theirs(chk["table"])), r, c, lower)
+            on_ours = check_claim(chk, self.as_samples(chk["table"], self.ours(chk["table"])), r, c, lower,
                                   self.grids(chk["table"]))
-            rows.append([claim["text"], claim["source"], f"{on_paper.mark}", f"{on_ours.mark} {on_ours.evidence}"])
+            out.append((claim, on_paper, on_ours))
+        return out
+
+    def claims_section(self, verdicts) -> str:
+        rows = [[claim["text"], claim["source"], on_paper.mark, f"{on_ours.mark} {on_ours.outcome}: {on_ours.evidence}"]
+                for claim, on_paper, on_ours in verdicts]
         intro = ("Each claim is evaluated by the check written in `paper.yaml` (kind and cells), on the paper's own "
-                 "numbers (a test of the check itself) and on ours. ✅ holds, ❌ does not hold, ➖ not evaluable at "
-                 "this scale. Comparisons use the mean over seeds.")
+                 "published means (a test of the check itself) and on our per-seed values. "
+                 f"{MARKS['holds']} holds: the confidence interval of the claimed difference lies on the claimed side; "
+                 f"{MARKS['contradicted']} contradicted: it lies on the opposite side; {MARKS['inconclusive']} "
+                 f"inconclusive: the interval straddles it, the difference is within seed noise; "
+                 f"{MARKS['not evaluable']} not evaluable at this scale. A claim over several cells holds when every "
+                 f"comparison holds and is contradicted when any is. \"≈ within m\" holds only when the whole "
+                 f"interval lies within ±m. Procedure: {PROCEDURE}. Evidence: mean difference (positive = the claimed "
+                 "side) [interval], n.")
         return "\n".join(["## Claims", "", intro, "", _md_table(["Claim", "Source", "Paper's numbers", "Ours"], rows)])
 
     def plots_section(self, figures_dir: Path, report_dir: Path) -> str:
@@ -359,6 +502,7 @@ class ReportBuilder:
 
     def provenance_section(self, elapsed_report: float) -> str:
         res = [self.results[r] for r in self.run_ids]
+        res += [r for runs in self.confirmed.values() for r in runs if r.get("run_id")]
         walls = sum(r["wall_time_s"] for r in res)
         starts = [datetime.fromisoformat(r["started"]) for r in res]
         ends = [s.timestamp() + r["wall_time_s"] for s, r in zip(starts, res)]
@@ -370,7 +514,7 @@ class ReportBuilder:
         kernels = f", {prov['cpu_set']} kernels" if prov.get("cpu_set") else ""  # absent in runs of older commits
         out = ["## Provenance", "",
                f"- Runs: {len(res)} ({sum(r['status'] == 'completed' for r in res)} completed, "
-               f"{sum(r['status'] == 'diverged' for r in res)} diverged); seeds {self.sc['seeds']}.",
+               f"{sum(r['status'] == 'diverged' for r in res)} diverged); seeds {self.seeds}.",
                f"- Wall time: {walls / 60:.1f} min of training summed over runs; {elapsed / 60:.1f} min from the "
                f"first run's start to the last run's end (spans earlier builds when runs were reused); report built in "
                f"{elapsed_report:.1f} s.",
@@ -391,8 +535,17 @@ class ReportBuilder:
                            str(r["spec"]["training"]["client_fraction"]), str(r["spec"]["training"]["local_epochs"]),
                            str(r["spec"]["training"]["rounds"]), _lrs(r["spec"]), str(r["spec"]["seed"]), r["status"],
                            f"`{r['data']['fingerprint']}`", f"`{r['data']['partition_fingerprint']}`",
-                           f"{r['wall_time_s']:.1f}"] for r in sorted(res, key=lambda r: r["run_id"])]),
+                           f"{r['wall_time_s']:.1f}"] for r in sorted((self.results[i] for i in self.run_ids),
+                                                                      key=lambda r: r["run_id"])]),
                "", "</details>"]
+        confirmed = [r for runs in self.confirmed.values() for r in runs if r.get("run_id")]
+        if confirmed:
+            out += ["", "<details><summary>Best grid points re-run with the other seeds (the grid is tuned on seed "
+                        f"{self.seeds[0]}; id = hash of the resolved config)</summary>", "",
+                    _md_table(["run", "method", "data", "lr (client / server)", "seed", "status", "wall (s)"],
+                              [[f"`{r['run_id']}`", r["spec"]["method"]["name"], r["spec"]["dataset"]["name"],
+                                _lrs(r["spec"]), str(r["spec"]["seed"]), r["status"], f"{r['wall_time_s']:.1f}"]
+                               for r in sorted(confirmed, key=lambda r: r["run_id"])]), "", "</details>"]
         if self.calibration_ids:
             cals = [self.results[c] for c in self.calibration_ids]
             out += ["", "<details><summary>Calibrations used by this report (post-hoc methods applied to a base "
@@ -415,21 +568,68 @@ class ReportBuilder:
         return "\n".join([
             "## How to cite", "",
             "The paper:", "", "```bibtex", p["citation"].rstrip(), "```", "",
-            "These reproduced numbers (give the commit, so the exact code and configuration can be recovered):", "",
+            "These reproduced numbers (give the commit, so the exact code and configuration can be recovered):" +
+            ("" if self.scale == "paper" else f" they are **{self.scale}-scale analog numbers**, obtained on the "
+             "offline data named in each table, and must not be quoted as results on the paper's datasets."), "",
             "```bibtex",
             f"@misc{{paperbench_{self.name}_{self.scale},",
             f"  title  = {{Reproduction of \"{p['title']}\" ({self.scale} scale)}},",
-            f"  note   = {{paper-benchmarks suite, report reports/{self.name}.md, commit {git_commit()}}},",
+            f"  note   = {{paper-benchmarks suite, report reports/{self.name}.md, {self.scale} scale"
+            + (" (analog data: its numbers are not results on the paper's datasets)" if self.scale != "paper" else "")
+            + f", commit {git_commit()}}},",
             f"  year   = {{{when[:4]}}},",
             f"  urldate = {{{when}}}",
             "}", "```"])
 
+    def twin(self, verdicts, build_seconds: float) -> dict:
+        """The report as data (reports/<paper>.json): per cell the paper's value and source and our per-seed
+        values; per claim the outcomes and statistics; provenance. Numbers can be read without parsing markdown."""
+        def cell(v: CellValue) -> dict:
+            return {"mean": v.mean if v.available else None, "std": v.std, "n": v.n, "diverged": v.diverged,
+                    "censored": v.censored, "note": v.note,
+                    "per_seed": {str(k): x for k, x in v.per_seed if k is not None}}
+        tables = {}
+        for name, t in self.paper["tables"].items():
+            rows, cols = self.labels(name)
+            our_rows, our_cols, analogs = self.analogs(name)
+            ours, theirs = self.ours(name), self.theirs(name)
+            tables[name] = {
+                "title": t["title"], "metric": t["metric"], "source": t["source"], "analogs": analogs,
+                "cells": [{"row": rows[i], "column": cols[j], "our_row": our_rows[i], "our_column": our_cols[j],
+                           "paper": {"value": theirs[i][j].mean if theirs[i][j].available else theirs[i][j].note,
+                                     "std": theirs[i][j].std, "source": t["source"]},
+                           "ours": cell(ours[i][j])}
+                          for i in range(len(rows)) for j in range(len(cols))],
+                "ceilings": [{"analog": e["analog"], "ceiling": cell(e["ceiling"]),
+                              "baseline": None if e["baseline"] is None else e["baseline"].mean, "of": e["of"],
+                              "room": e["room"]} for e in self.headroom(name)]}
+        res = [self.results[r] for r in self.run_ids]
+        res += [r for runs in self.confirmed.values() for r in runs if r.get("run_id")]
+        starts = [datetime.fromisoformat(r["started"]).timestamp() for r in res]
+        span = max(s + r["wall_time_s"] for s, r in zip(starts, res)) - min(starts) if res else 0.0
+        return {
+            "paper": self.name, "title": self.paper["title"], "scale": self.scale, "seeds": self.seeds,
+            "procedure": PROCEDURE, "tables": tables,
+            "claims": [{"id": c["id"], "text": c["text"], "source": c["source"], "paper_outcome": p.outcome,
+                        "outcome": o.outcome, "evidence": o.evidence, "comparisons": list(o.stats)}
+                       for c, p, o in verdicts],
+            "provenance": {"commit": git_commit(), "run_commits": sorted({r["provenance"]["commit"] for r in res}),
+                           "runs": self.run_ids, "calibrations": self.calibration_ids,
+                           "confirmations": sorted(r["run_id"] for runs in self.confirmed.values() for r in runs
+                                                   if r.get("run_id")),
+                           "training_minutes": sum(r["wall_time_s"] for r in res) / 60,
+                           "span_minutes": span / 60, "report_seconds": build_seconds,
+                           "built": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
+
     def build(self, out: Path, figures_dir: Path) -> None:
         t0 = time.perf_counter()
-        parts = [self.header(), *(self.table_section(t) for t in self.paper["tables"]), self.claims_section(),
+        verdicts = self.verdicts()
+        parts = [self.header(), *(self.table_section(t) for t in self.paper["tables"]), self.claims_section(verdicts),
                  self.plots_section(figures_dir, out.parent), self.samples_section(figures_dir, out.parent),
                  self.scale_section()]
-        parts += [self.provenance_section(time.perf_counter() - t0), self.cite_section()]
+        elapsed = time.perf_counter() - t0
+        parts += [self.provenance_section(elapsed), self.cite_section()]
+        write_json_atomic(out.with_suffix(".json"), self.twin(verdicts, elapsed))
         write_text_atomic(out, "\n\n".join(p for p in parts if p) + "\n")
 
 

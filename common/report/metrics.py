@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.experiments import training_spec
+
 
 def rounds_to_target(result: dict, target: float) -> tuple[float, bool]:
     """First round whose test accuracy reaches `target`; (budget + 1, True) when never reached."""
@@ -77,6 +79,8 @@ class CellValue:
     censored: int = 0
     diverged: int = 0
     note: str = ""
+    per_seed: tuple = ()  # ((seed, value), ...) of the seeds that completed; what the claims are checked on
+    exact: bool = False  # a published number (no seed spread known): claims compare it as it is
 
     @property
     def available(self) -> bool:
@@ -98,12 +102,14 @@ class CellValue:
 
 
 def cell_value(results: list[dict], metric: str, eval_args: dict) -> CellValue:
-    if any(r["status"] == "diverged" for r in results):
-        return CellValue(None, n=len(results), diverged=sum(r["status"] == "diverged" for r in results))
+    completed = [r for r in results if r["status"] != "diverged"]
+    per_seed = tuple((training_spec(r["spec"])["seed"], METRICS[metric](r, **eval_args)[0]) for r in completed)
+    if len(completed) < len(results):
+        return CellValue(None, n=len(results), diverged=len(results) - len(completed), per_seed=per_seed)
     values = [METRICS[metric](r, **eval_args) for r in results]
     xs = np.array([v for v, _ in values])
     std = float(xs.std(ddof=1)) if len(xs) > 1 else None
-    return CellValue(float(xs.mean()), std, len(xs), sum(c for _, c in values))
+    return CellValue(float(xs.mean()), std, len(xs), sum(c for _, c in values), per_seed=per_seed)
 
 
 NOT_VERIFIED = "not verified"
@@ -127,11 +133,12 @@ def paper_value(raw) -> CellValue:
     if raw == NOT_VERIFIED:
         return CellValue(None, note=NOT_VERIFIED)
     if isinstance(raw, (int, float)):
-        return CellValue(float(raw), n=1)
+        return CellValue(float(raw), n=1, per_seed=((None, float(raw)),), exact=True)
     m = _PAPER.match(str(raw))
     if not m:
         raise ValueError(f"cannot read paper value {raw!r}; write a number or 'mean±std'")
-    return CellValue(float(m.group(1)), float(m.group(2)) if m.group(2) else None, n=1)
+    mean = float(m.group(1))
+    return CellValue(mean, float(m.group(2)) if m.group(2) else None, n=1, per_seed=((None, mean),), exact=True)
 
 
 def within_tolerance(ours: CellValue, paper: CellValue, tolerance: dict) -> bool | None:

@@ -3,10 +3,12 @@
 Both keep FedAvg's server and change the client's objective: the global model the client received at the start
 of the round is a frozen teacher during local training.
 
-- FedNTD (not-true distillation): L = CE(q, y) + beta * L_NTD, where L_NTD = KL(q~_tau^g || q~_tau) and q~_tau is
-  the softmax with temperature tau over the *not-true* logits only (the ground-truth logit removed from both the
-  local and the global model's logits). As in the authors' code (algorithms/fedntd/criterion.py), the KL is averaged
-  over the batch and not multiplied by tau^2.
+- FedNTD (not-true distillation): L = CE(q, y) + beta * L_NTD, where L_NTD = tau^2 * KL(q~_tau^g || q~_tau) and
+  q~_tau is the softmax with temperature tau over the *not-true* logits only (the ground-truth logit removed from
+  both the local and the global model's logits). As in the authors' current code (github.com/Lee-Gihun/FedNTD,
+  algorithms/fedntd/criterion.py, `NTD_Loss._ntd_loss`), the KL is averaged over the batch and multiplied by tau^2
+  (the usual distillation scaling, which keeps the gradient's size independent of tau; an earlier commit of
+  theirs had no tau^2 factor). At the paper's tau = 1 the factor is 1.
 - FedLSD (local self-distillation, the paper's 2021 version): L = (1 - beta) * CE(q, y) + beta * KL(q_tau^g || q_tau)
   on the full softmax, true class included.
 
@@ -53,8 +55,9 @@ def kl_batchmean(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau
 
 
 def ntd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, tau: float) -> torch.Tensor:
-    """L_NTD: the KL of the teacher's and the student's softmax over the not-true classes only."""
-    return kl_batchmean(not_true_logits(logits, targets), not_true_logits(teacher_logits.detach(), targets), tau)
+    """L_NTD: tau^2 times the KL of the teacher's and the student's softmax over the not-true classes only."""
+    kl = kl_batchmean(not_true_logits(logits, targets), not_true_logits(teacher_logits.detach(), targets), tau)
+    return tau ** 2 * kl
 
 
 def lsd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:

@@ -6,10 +6,14 @@ the client received this round and z_prev that of the client's own model after i
     l_con = -log( exp(sim(z, z_glob)/tau) / (exp(sim(z, z_glob)/tau) + exp(sim(z, z_prev)/tau)) ),
     loss  = CE(logits, y) + mu * l_con,                                  sim = cosine similarity.
 
-The global and the previous model are frozen and used in eval mode, as in the paper's code. A client that has not
-trained before has no previous model: its contrastive term is zero (the paper's code: no negative in the first
-round). Clients keep their previous model between rounds; it is part of the algorithm's checkpointed state, so a
-resumed run ends bit-identical. The server is FedAvg's.
+The global and the previous model are frozen and used in eval mode, as in the paper's code. As in the paper's code
+(QinbinLi/MOON, main.py: the pool of previous models is empty in the first round, then holds every party's network
+after each round), no client has a negative in the first round (the contrastive term is zero), and from the second
+round on a client that has not trained yet uses the initial network as its previous model. Here that is the
+initial global model (the authors' code initialises each party's network independently, so there it is the
+party's own random initialisation). Clients keep their previous model between rounds; the previous models and the
+initial one are part of the algorithm's checkpointed state, so a resumed run ends bit-identical. The server is
+FedAvg's.
 """
 from __future__ import annotations
 
@@ -44,12 +48,14 @@ class Moon(Algorithm):
         self.global_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
         self.prev_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
         self.prev: dict[int, State] = {}  # client -> its model after its last local training
+        self.initial: State = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}  # before training
+        self.rounds_done = 0
 
     def begin_client(self, model, global_state, client):
         self.global_model.load_state_dict(global_state)
-        self.has_prev = client in self.prev
+        self.has_prev = self.rounds_done > 0  # the first round has no negative
         if self.has_prev:
-            self.prev_model.load_state_dict(self.prev[client])
+            self.prev_model.load_state_dict(self.prev.get(client, self.initial))
 
     def local_loss(self, model, x, y):
         z = model.features(x)
@@ -61,3 +67,8 @@ class Moon(Algorithm):
 
     def end_client(self, model, global_state, client, steps):
         self.prev[client] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def server_update(self, global_state, client_states, weights, round_index):
+        new_state = super().server_update(global_state, client_states, weights, round_index)
+        self.rounds_done = round_index + 1
+        return new_state

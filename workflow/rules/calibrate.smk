@@ -30,10 +30,11 @@ rule train_model:
     params:
         data_root=config["data_root"],
         device=config["device"],
+        checkpoint=lambda wc: f"results/checkpoints/{wc.run}.pt",
     shell:
-        "{PYTHON} -m common.train {input} {output.run} --data-root {params.data_root} "
-        "--device {params.device} --threads {threads} --checkpoint results/checkpoints/{wildcards.run}.pt "
-        "--model-out {output.model}"
+        "{PYTHON} -m common.train {input:q} {output.run:q} --data-root {params.data_root:q} "
+        "--device {params.device:q} --threads {threads} --checkpoint {params.checkpoint:q} "
+        "--model-out {output.model:q}"
 
 
 rule calibration_spec:
@@ -43,7 +44,7 @@ rule calibration_spec:
         spec=lambda wc: json.dumps(CALIBRATIONS[wc.cal], sort_keys=True),
     localrule: True
     shell:
-        "printf '%s\\n' {params.spec:q} > {output}.tmp && mv {output}.tmp {output}"
+        "printf '%s\\n' {params.spec:q} > {output:q}.tmp && mv {output:q}.tmp {output:q}"
 
 
 rule calibrate:
@@ -63,5 +64,5 @@ rule calibrate:
         data_root=config["data_root"],
         device=config["device"],
     shell:
-        "{PYTHON} -m common.calibrate {input.spec} {input.model} {input.base_run} {output} "
-        "--data-root {params.data_root} --device {params.device} --threads {threads}"
+        "{PYTHON} -m common.calibrate {input.spec:q} {input.model:q} {input.base_run:q} {output:q} "
+        "--data-root {params.data_root:q} --device {params.device:q} --threads {threads}"

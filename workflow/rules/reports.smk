@@ -19,17 +19,36 @@ def report_calibrations(wc):
     return expand("results/calibrations/{cal}.json", cal=sorted(calibrations_of(wc.paper)))
 
 
+def report_confirmations(wc):
+    return expand("results/confirmations/{name}.json", name=sorted(confirmations(wc.paper, SCALE, SEEDS)))
+
+
 rule report:
     input:
         runs=report_runs,
         calibrations=report_calibrations,
+        confirmations=report_confirmations,
         paper=BASE / "papers" / "{paper}" / "paper.yaml",
     output:
-        "reports/{paper}.md",
+        md="reports/{paper}.md",
+        json="reports/{paper}.json",  # the report as data, for citations and leaderboards
     params:
-        seeds=f"--seeds {' '.join(map(str, SEEDS))}" if SEEDS else "",
+        seeds=["--seeds", *map(str, SEEDS)] if SEEDS else [],
         data_root=config["data_root"],
+        scale=SCALE,
+    localrule: True
+    # Every value is quoted (`:q`, a list item by item): a data_root with spaces or shell characters arrives as it is.
+    shell:
+        "{PYTHON} -m common.report.build {wildcards.paper:q} --scale {params.scale:q} {params.seeds:q} "
+        "--results results/runs --calibrations results/calibrations --out {output.md:q} --figures reports/figures "
+        "--data-root {params.data_root:q}"
+
+
+rule index:
+    input:
+        expand("reports/{paper}.json", paper=PAPERS),
+    output:
+        "reports/README.md",
     localrule: True
     shell:
-        "{PYTHON} -m common.report.build {wildcards.paper} --scale {SCALE} {params.seeds} "
-        "--results results/runs --calibrations results/calibrations --out {output} --figures reports/figures --data-root {params.data_root}"
+        "{PYTHON} -m common.report.index --reports reports --out {output:q}"

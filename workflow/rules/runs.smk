@@ -13,7 +13,7 @@ rule spec:
     # A shell command, not a `run:` block: Snakemake would start a whole new Snakemake process (re-reading every
     # paper.yaml) for each `run:` job, seconds per run. Written to a temporary name first, so it appears whole.
     shell:
-        "printf '%s\\n' {params.spec:q} > {output}.tmp && mv {output}.tmp {output}"
+        "printf '%s\\n' {params.spec:q} > {output:q}.tmp && mv {output:q}.tmp {output:q}"
 
 
 rule train:
@@ -29,6 +29,8 @@ rule train:
     params:
         data_root=config["data_root"],
         device=config["device"],
+        checkpoint=lambda wc: f"results/checkpoints/{wc.run}.pt",
+    # Every value is quoted (`:q`): a data_root with spaces or shell characters reaches the run as it is.
     shell:
-        "{PYTHON} -m common.train {input} {output} --data-root {params.data_root} "
-        "--device {params.device} --threads {threads} --checkpoint results/checkpoints/{wildcards.run}.pt"
+        "{PYTHON} -m common.train {input:q} {output:q} --data-root {params.data_root:q} "
+        "--device {params.device:q} --threads {threads} --checkpoint {params.checkpoint:q}"
