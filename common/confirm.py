@@ -9,14 +9,13 @@ Which point that is depends on the tuning runs, so the job is named by its cell 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from common.errors import SuiteError
 from common.experiments import load_paper, table_cells
 from common.report.metrics import best_of, cell_value
-from common.results import write_json_atomic
+from common.results import read_result, write_json_atomic
 
 
 def best_point(paper_name: str, table: str, row: int, col: int, scale: str, seeds, results: dict):
@@ -33,13 +32,7 @@ def confirmation_spec(paper_name: str, table: str, row: int, col: int, seed: int
                       results_dir: Path) -> dict | None:
     """The best point's spec with `seed`; None when every point of the grid diverged."""
     cell = table_cells(load_paper(paper_name), table, scale, seeds)[row][col]
-    results = {}
-    for rid in (r for p in cell.points for r in p.run_ids):
-        path = results_dir / f"{rid}.json"
-        try:
-            results[rid] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SuiteError(f"cannot read tuning result {path} ({e}); delete it and run the workflow again") from None
+    results = {rid: read_result(results_dir / f"{rid}.json") for p in cell.points for rid in p.run_ids}
     cell, best = best_point(paper_name, table, row, col, scale, seeds, results)
     return None if best is None else {**cell.points[best].specs[0], "seed": seed}
 
@@ -72,10 +65,10 @@ def main(argv=None) -> int:
         args.checkpoints.mkdir(parents=True, exist_ok=True)
         result = execute(spec, args.data_root, args.device, args.threads,
                          checkpoint=args.checkpoints / f"{run_id(spec)}.pt")
+        write_json_atomic(args.out, result)
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json_atomic(args.out, result)
     return 0
 
 

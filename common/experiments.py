@@ -38,7 +38,7 @@ from common.results import run_id
 REPO = Path(__file__).resolve().parent.parent
 PAPERS_DIR = REPO / "papers"
 SCHEMA_DIR = REPO / "config"
-EVAL_KEYS = ("target", "reference", "domain", "last_rounds")  # cell keys that parameterise the metric, not the run
+EVAL_KEYS = ("target", "reference", "domain", "last_rounds", "logged", "minus", "reduce", "scale")  # cell keys that parameterise the metric, not the run
 
 
 def known_papers() -> list[str]:
@@ -57,9 +57,14 @@ def load_yaml(path: Path, schema: str | None = None) -> dict:
     return data
 
 
+@lru_cache(maxsize=None)
+def _validator(schema: str) -> jsonschema.Draft202012Validator:
+    """Parsed once per process: every resolved run spec is validated, hundreds per workflow start."""
+    return jsonschema.Draft202012Validator(yaml.safe_load((SCHEMA_DIR / schema).read_text()))
+
+
 def validate(data, schema: str, where) -> None:
-    sch = yaml.safe_load((SCHEMA_DIR / schema).read_text())
-    errors = sorted(jsonschema.Draft202012Validator(sch).iter_errors(data), key=lambda e: list(e.path))
+    errors = sorted(_validator(schema).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
         loc = "/".join(str(p) for p in e.path) or "(top level)"
@@ -130,16 +135,8 @@ class GridPoint:
         return [run_id(s) for s in self.specs]
 
 
-@dataclass(frozen=True)
-class Cell:
-    table: str
-    row: int
-    col: int
-    specs: tuple  # resolved spec per seed (and grid point); empty when not run at this scale
-    eval_args: tuple  # ((key, value), ...) for the metric
-    skipped: str = ""  # why the cell is not run at this scale
-    points: tuple = ()  # GridPoints when the table has a grid; empty otherwise
-    confirm_seeds: tuple = ()  # a grid's best point is re-run with these seeds (the grid itself runs the first)
+class RunsAndMetric:
+    """What a table cell and a ceiling share: the run ids of their `specs` and the metric's `eval_args`."""
 
     @property
     def run_ids(self) -> list[str]:
@@ -148,6 +145,18 @@ class Cell:
     @property
     def eval(self) -> dict:
         return dict(self.eval_args)
+
+
+@dataclass(frozen=True)
+class Cell(RunsAndMetric):
+    table: str
+    row: int
+    col: int
+    specs: tuple  # resolved spec per seed (and grid point); empty when not run at this scale
+    eval_args: tuple  # ((key, value), ...) for the metric
+    skipped: str = ""  # why the cell is not run at this scale
+    points: tuple = ()  # GridPoints when the table has a grid; empty otherwise
+    confirm_seeds: tuple = ()  # a grid's best point is re-run with these seeds (the grid itself runs the first)
 
 
 def _set_dotted(d: dict, key: str, value) -> None:
@@ -267,7 +276,7 @@ CEILING_METRICS = (*ACCURACY_METRICS, "rounds_to_target")
 
 
 @dataclass(frozen=True)
-class Ceiling:
+class Ceiling(RunsAndMetric):
     """The same model trained centrally on the pooled training data of a dataset analog, with the most rounds and
     local epochs any cell on that analog uses: the accuracy no federated method of the table can be expected to beat.
     `cells` are the (row, column) indices of the table cells on this analog."""
@@ -276,14 +285,6 @@ class Ceiling:
     eval_args: tuple
     specs: tuple  # one per seed
     cells: tuple
-
-    @property
-    def run_ids(self) -> list[str]:
-        return [run_id(s) for s in self.specs]
-
-    @property
-    def eval(self) -> dict:
-        return dict(self.eval_args)
 
 
 def centralised_spec(specs: list[dict]) -> dict:

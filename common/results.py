@@ -278,7 +278,7 @@ def zip_problem(path: Path) -> str | None:
             bad = z.testzip()
         return None if bad is None else f"corrupt member {bad}"
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
-        return f"not a complete torch file ({e})"
+        return f"truncated or not a torch file: {e}"
 
 
 def _move_aside(path: Path, root: Path) -> Path:
@@ -294,6 +294,7 @@ def recover_results(root: str | Path = "results", specs: dict[str, dict] | None 
 
     - results files (runs/*.json, calibrations/*.json) that are unreadable or fail `result_problem`: moved to
       <root>/corrupt/..., i.e. treated as missing, so their run (calibration) is trained again;
+    - confirmations (confirmations/*.json) that are unreadable or not a JSON object: moved aside likewise;
     - final models (models/*.pt) that are not a complete torch file: moved aside with their run's results file;
     - specs (specs/*.json, calibrations/*.spec.json) that are unreadable or do not hash to their name: rewritten
       from `specs` (id -> spec, the workflow's own) keeping the file's time (nothing downstream is retrained), or
@@ -318,6 +319,12 @@ def recover_results(root: str | Path = "results", specs: dict[str, dict] | None 
                 why = why and f"not a valid results file ({why})"
             if why:
                 aside([path], why, what)
+    for path in sorted((root / "confirmations").glob("*.json")):  # common.confirm's: only checked to be JSON
+        record, why = _load_json(path)
+        if why is None and not isinstance(record, dict):
+            why = "not a JSON object"
+        if why:
+            aside([path], why, "its confirmation is run again")
     for path in sorted((root / "models").glob("*.pt")):
         why = zip_problem(path)
         if why:

@@ -155,8 +155,8 @@ def test_recovery_moves_a_truncated_model_aside_with_its_run(smoke_build, tmp_pa
     base = run_of("fedavg")
     truncate(d / "models" / f"{base}.pt")
     lines = recover_results(d)
-    assert lines == [f"warning: {d}/models/{base}.pt is unreadable (not a complete torch file (File is not a zip "
-                     f"file)); moved {d}/models/{base}.pt to {d}/corrupt/models/{base}.pt and {d}/runs/{base}.json to "
+    assert lines == [f"warning: {d}/models/{base}.pt is unreadable (truncated or not a torch file: File is not "
+                     f"a zip file); moved {d}/models/{base}.pt to {d}/corrupt/models/{base}.pt and {d}/runs/{base}.json to "
                      f"{d}/corrupt/runs/{base}.json; its run is trained again"], lines
     assert not (d / "runs" / f"{base}.json").exists() and (d / "runs" / f"{CENTRAL}.json").exists()
     assert recover_results(d) == []

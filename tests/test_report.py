@@ -79,7 +79,10 @@ def test_reference_row_sets_the_target_to_its_final_accuracy(tmp_path):
     from common.experiments import paper_runs
     accs = {"moon": [0.5, 0.65, 0.7], "fedprox": [0.3, 0.4, 0.55], "fedavg": [0.4, 0.62, 0.6]}
     for rid, spec in paper_runs("moon", "smoke").items():
-        r = {**result(accs.get(spec["method"]["name"], [0.1] * 3), rounds=spec["training"]["rounds"]), "spec": spec}
+        r = result(accs.get(spec["method"]["name"], [0.1] * 3), rounds=spec["training"]["rounds"])
+        n = len(r["metrics"]["test_accuracy"])
+        r = {**r, "spec": spec, "run_id": rid, "final": {"test_accuracy": r["metrics"]["test_accuracy"][-1]},
+             "data": {}, "metrics": {**r["metrics"], "test_loss": [1.0] * n, "train_loss": [1.0] * n}}
         (tmp_path / f"{rid}.json").write_text(json.dumps(r))
     b = ReportBuilder("moon", "smoke", tmp_path, calibrations_dir=tmp_path)
     moon, fedprox, fedavg = (row[0] for row in b.ours("table2"))

@@ -19,7 +19,7 @@ from common.experiments import (ACCURACY_METRICS, Cell, Ceiling, confirmation_na
 from common.report.claims import MARKS, PROCEDURE, Verdict, beaten_labels, check_claim
 from common.report.metrics import CellValue, best_of, cell_value, paper_value, within_tolerance
 from common.report.plots import accuracy_per_round, curves, grid_heatmaps, sample_grid
-from common.results import git_commit, run_id, write_json_atomic, write_text_atomic
+from common.results import git_commit, read_result, run_id, write_json_atomic, write_text_atomic
 
 SCALE_NOTE = {
     "paper": "This report ran the paper's setting: each cell is compared with the paper's value within the "
@@ -38,7 +38,7 @@ def load_results(run_ids, results_dir: Path) -> dict[str, dict]:
         if not path.is_file():
             missing.append(str(path))
             continue
-        out[rid] = json.loads(path.read_text())
+        out[rid] = read_result(path)
     if missing:
         raise SuiteError(f"{len(missing)} result file(s) missing, e.g. {missing[0]}; build them with "
                          f"`snakemake <report>` instead of calling the report builder directly")
@@ -99,7 +99,7 @@ class ReportBuilder:
                         path = folder / f"{confirmation_name(self.name, cell, seed)}.json"
                         if not path.is_file():
                             raise SuiteError(f"confirmation run {path} is missing; build it with `snakemake <report>`")
-                        res = json.loads(path.read_text())
+                        res = read_result(path, validate=False)  # a grid whose points all diverged: no run
                         if res.get("run_id"):
                             self.results[res["run_id"]] = res
                         out.setdefault((table, cell.row, cell.col), []).append(res)

@@ -65,9 +65,23 @@ def weight_divergence(result: dict, last_rounds: int | None = None) -> tuple[flo
     return 100.0 * _mean_last_logged(result, "weight_divergence", last_rounds), False
 
 
+def logged(result: dict, logged: str, minus: str | None = None, reduce: str = "mean", scale: float = 1.0) -> tuple[float, bool]:
+    """A per-round diagnostic a method logged (e.g. FedDF's `distill_changed`), or the difference of two
+    (`logged` - `minus`), reduced over all rounds by its mean or sum, times `scale`; rounds without a value are
+    left out."""
+    per_round = result["metrics"].get(logged)
+    if per_round is None:
+        raise ValueError(f"run {result.get('run_id', '?')} logged no '{logged}'; its method does not compute it")
+    other = result["metrics"][minus] if minus else [0.0] * len(per_round)
+    values = [a - b for a, b in zip(per_round, other) if a is not None and b is not None]
+    if not values:
+        return math.nan, False
+    return scale * float(np.sum(values) if reduce == "sum" else np.mean(values)), False
+
+
 METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy,
            "domain_accuracy": domain_accuracy, "mean_last_accuracy": mean_last_accuracy, "forgetting": forgetting,
-           "weight_divergence": weight_divergence}
+           "weight_divergence": weight_divergence, "logged": logged}
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.results import write_failed  # noqa: E402
+
 
 def accuracy_per_round(panels, title: str, path: Path) -> None:
     """panels: [(panel title, [(series label, [result, ...]), ...], target or None)]; one subplot per panel."""
@@ -117,7 +119,13 @@ def _save(fig, path: Path, tight: bool = True) -> None:
         fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    # Fixed metadata keeps the PNG byte-identical across rebuilds of the same numbers.
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    tmp.replace(path)
+    existed = path.exists()
+    try:
+        # Fixed metadata keeps the PNG byte-identical across rebuilds of the same numbers.
+        fig.savefig(tmp, dpi=110, metadata={"Software": None})
+        tmp.replace(path)
+    except OSError as e:  # disk full: the previous figure stays, one message says so
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, existed, e) from None
+    finally:
+        plt.close(fig)
