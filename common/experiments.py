@@ -288,16 +288,14 @@ class Ceiling(RunsAndMetric):
 
 
 def centralised_spec(specs: list[dict]) -> dict:
-    """Centralised training of the first spec's data and model: one client holding every training sample the
-    partition uses (a per-domain share stays a share), all rounds and local epochs of the longest of `specs`."""
-    spec = copy.deepcopy(specs[0])
+    """Centralised training with the data, model and schedule of the longest of `specs` (most rounds x local
+    epochs; the first of equals): one client holding every training sample the partition uses (a per-domain share
+    stays a share), trained for the same rounds and local epochs."""
+    spec = copy.deepcopy(max(specs, key=lambda s: s["training"]["rounds"] * s["training"]["local_epochs"]))
     spec["method"] = {"name": "centralised"}
     if spec["partition"]["scheme"] != "domain":
         spec["partition"] = {"scheme": "iid", "clients": 1}
-    t = spec["training"]
-    t["client_fraction"] = 1.0
-    t["rounds"] = max(s["training"]["rounds"] for s in specs)
-    t["local_epochs"] = max(s["training"]["local_epochs"] for s in specs)
+    spec["training"]["client_fraction"] = 1.0
     return spec
 
 

@@ -306,7 +306,7 @@ class ReportBuilder:
             lines.append([e["analog"], f"{e['rounds']} × {e['local_epochs']}", e["ceiling"].display(d), base, room])
         what = "target accuracy (%)" if rounds else "best baseline a claim says is beaten"
         return [f"**Ceiling ({self.scale} scale)** — the same model trained centrally on the pooled training data of "
-                f"all clients (rounds × local epochs of the longest cell), accuracy in %; the room is the ceiling minus "
+                f"all clients for the rounds × local epochs of the longest cell, accuracy in %; the room is the ceiling minus "
                 f"the {'target' if rounds else 'best such baseline'}. A room under 3 points leaves no space for the "
                 f"claimed effect. The paper reports no centralised number for this table.", "",
                 _md_table(["dataset analog", "rounds × epochs", "ceiling", what, "room (points)"], lines), ""]
