@@ -147,3 +147,32 @@ def test_unknown_task_is_a_clear_error(tmp_path, monkeypatch):
             paper_runs("fedopt", "mini")
     finally:
         experiments.load_paper.cache_clear()
+
+
+def test_ceiling_is_centralised_training_of_the_longest_cell():
+    from common.experiments import table_ceilings
+    fedbn = load_paper("fedbn")
+    digits, convergence = table_ceilings(fedbn, "digits", "mini"), table_ceilings(fedbn, "convergence", "mini")
+    assert [c.eval["domain"] for c in digits] == ["SVHN", "USPS", "SynthDigits", "MNIST-M", "MNIST"]
+    assert len({tuple(c.run_ids) for c in digits}) == 1  # one run per seed serves every domain
+    # every convergence cell trains 40 local epochs in all (rounds x E); the longest is the first, 40 x 1
+    (conv,) = convergence
+    spec = conv.specs[0]
+    assert conv.run_ids == digits[0].run_ids and (spec["training"]["rounds"], spec["training"]["local_epochs"]) == (40, 1)
+    assert spec["method"] == {"name": "centralised"} and spec["partition"]["scheme"] == "domain"  # a share stays one
+    feddf = load_paper("feddf")
+    (table1,) = table_ceilings(feddf, "table1", "mini")
+    t = table1.specs[0]["training"]
+    assert table1.specs[0]["partition"] == {"scheme": "iid", "clients": 1} and t["client_fraction"] == 1.0
+    assert (t["rounds"], t["local_epochs"]) == (30, 4) and [s["seed"] for s in table1.specs] == [0, 1, 2]
+    assert table_ceilings(load_paper("fedntd"), "forgetting", "mini") == []  # not an accuracy table
+
+
+def test_centralised_pools_every_client_into_one():
+    import torch
+    from types import SimpleNamespace
+    from common.fl import get_algorithm
+    parts = [torch.tensor([4, 0]), torch.tensor([2]), torch.tensor([1, 3])]
+    ctx = SimpleNamespace(parts=parts, model=torch.nn.Linear(2, 2))
+    get_algorithm({"name": "centralised"}).setup(ctx)
+    assert len(ctx.parts) == 1 and ctx.parts[0].tolist() == [0, 1, 2, 3, 4]
