@@ -18,9 +18,10 @@ def cell_by_label(paper, table, row, col, scale):
 
 def test_mini_cell_translates_paper_values():
     p = load_paper("feddf")
-    cell = cell_by_label(p, "table1", "FedAvg, E=40", "C=0.2, α=0.1", "mini")
+    cell = cell_by_label(p, "table1", "FedAvg, E=40", "C=0.4, α=0.1", "mini")
     spec = cell.specs[0]
-    assert spec["training"]["local_epochs"] == 4 and spec["training"]["client_fraction"] == 0.2
+    assert spec["training"]["local_epochs"] == 4 and spec["training"]["client_fraction"] == 0.4
+    assert cell_by_label(p, "table1", "FedAvg, E=40", "C=0.2, α=0.1", "mini").specs == ()  # not run at mini
     assert spec["partition"]["alpha"] == 0.1 and spec["dataset"]["name"] == "mnist5k"
     assert spec["method"] == {"name": "fedavg"}
     assert cell.eval == {"target": 0.92}
@@ -32,10 +33,10 @@ def test_mini_cell_translates_paper_values():
 def test_identical_runs_are_shared_between_tables():
     p = load_paper("feddf")
     for method_row, col in [("FedAvg, E=40", "FedAvg (BN)"), ("FedDF, E=40", "FedDF (BN)")]:
-        t1 = cell_by_label(p, "table1", method_row, "C=0.4, α=0.1", "mini")
-        t2 = cell_by_label(p, "table2", "CIFAR-10, α=0.1", col, "mini")
+        t1 = cell_by_label(p, "table1", method_row, "C=0.4, α=0.1", "smoke")
+        t2 = cell_by_label(p, "table2", "CIFAR-10, α=0.1", col, "smoke")
         assert t1.run_ids == t2.run_ids
-    ids = paper_runs("feddf", "mini")
+    ids = paper_runs("feddf", "mini")  # the distillation table reads the rounds-to-target table's runs
     n_cells = sum(len(c.specs) for t in p["tables"] for row in table_cells(p, t, "mini") for c in row)
     assert len(ids) < n_cells
 
@@ -79,7 +80,7 @@ def paper_dir(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("old,new,message", [
     ("target: {0.80: 0.95, 0.75: 0.92}", "target: {0.80: 0.95, 0.75: 0.92", "malformed YAML"),
-    ("training.client_fraction: 0.2, partition.alpha: 1,", "training.client_fraction: 0.2, partition.alpha: 0,",
+    ("training.client_fraction: 0.4, partition.alpha: 1,", "training.client_fraction: 0.4, partition.alpha: 0,",
      "alpha"),
     ("training.client_fraction: 0.2, partition.alpha: 1,", "training.client_fraction: 1.5, partition.alpha: 1,",
      "client_fraction"),
