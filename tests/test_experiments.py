@@ -79,7 +79,7 @@ def paper_dir(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("old,new,message", [
-    ("target: {0.80: 0.95, 0.75: 0.92}", "target: {0.80: 0.95, 0.75: 0.92", "malformed YAML"),
+    ("target: {0.80: 0.94, 0.75: 0.92}", "target: {0.80: 0.94, 0.75: 0.92", "malformed YAML"),
     ("training.client_fraction: 0.4, partition.alpha: 1,", "training.client_fraction: 0.4, partition.alpha: 0,",
      "alpha"),
     ("training.client_fraction: 0.2, partition.alpha: 1,", "training.client_fraction: 1.5, partition.alpha: 1,",

@@ -72,23 +72,45 @@ def test_good_range_along_follows_the_line_through_the_best_point():
     assert good_range_along(grid({(0.1, 1): None}), "training.lr", 3.0, False) is None
 
 
-def test_reference_row_sets_the_target_to_its_final_accuracy(tmp_path):
-    """MOON's Table 2: rounds each method needs to reach FedAvg's final accuracy in the same column."""
+def write_results(folder, paper: str, accs_by_method: dict, default: list) -> None:
+    """A results file per smoke-scale run of `paper`, with the test accuracies given for its method."""
     import json
-    from common.report.build import ReportBuilder
     from common.experiments import paper_runs
-    accs = {"moon": [0.5, 0.65, 0.7], "fedprox": [0.3, 0.4, 0.55], "fedavg": [0.4, 0.62, 0.6]}
-    for rid, spec in paper_runs("moon", "smoke").items():
-        r = result(accs.get(spec["method"]["name"], [0.1] * 3), rounds=spec["training"]["rounds"])
+    for rid, spec in paper_runs(paper, "smoke").items():
+        r = result(accs_by_method.get(spec["method"]["name"], default), rounds=spec["training"]["rounds"])
         n = len(r["metrics"]["test_accuracy"])
         r = {**r, "spec": spec, "run_id": rid, "final": {"test_accuracy": r["metrics"]["test_accuracy"][-1]},
              "data": {}, "metrics": {**r["metrics"], "test_loss": [1.0] * n, "train_loss": [1.0] * n}}
-        (tmp_path / f"{rid}.json").write_text(json.dumps(r))
+        (folder / f"{rid}.json").write_text(json.dumps(r))
+
+
+def test_reference_row_sets_the_target_to_its_final_accuracy(tmp_path):
+    """MOON's Table 2: rounds each method needs to reach FedAvg's final accuracy in the same column."""
+    from common.report.build import ReportBuilder
+    write_results(tmp_path, "moon", {"moon": [0.5, 0.65, 0.7], "fedprox": [0.3, 0.4, 0.55],
+                                     "fedavg": [0.4, 0.62, 0.6]}, [0.1] * 3)
     b = ReportBuilder("moon", "smoke", tmp_path, calibrations_dir=tmp_path)
     moon, fedprox, fedavg = (row[0] for row in b.ours("table2"))
     assert b.metric_args("table2", b.cells["table2"][0][0]) == {"target": pytest.approx(0.6)}
     assert (moon.mean, fedprox.mean, fedavg.mean) == (2.0, 4.0, 2.0)  # FedAvg first reaches 0.6 at round 2
     assert fedprox.display(0) == "> 3" and "60%" in b._targets("table2")
+
+
+def test_room_under_the_ceiling_is_measured_from_the_highest_target(tmp_path):
+    """FedDF's Table 1 has one analog with two targets (smoke: 50% at alpha = 1, 40% at 0.1): the room is the
+    ceiling minus the higher one, whichever cell comes first."""
+    from common.report.build import ReportBuilder
+    write_results(tmp_path, "feddf", {"centralised": [0.7, 0.8, 0.9]}, [0.3, 0.45, 0.6])
+    b = ReportBuilder("feddf", "smoke", tmp_path, calibrations_dir=tmp_path)
+    targets = {b.metric_args("table1", cell)["target"] for row in b.cells["table1"] for cell in row if cell.specs}
+    assert sorted(targets) == pytest.approx([0.4, 0.5])
+    import dataclasses
+    for order in (1, -1):  # either target first
+        (c,) = b.ceiling_runs["table1"]
+        b.ceiling_runs["table1"] = [dataclasses.replace(c, cells=tuple(sorted(c.cells)[::order]))]
+        (room,) = b.headroom("table1")
+        assert room["of"] == "target" and room["baseline"].mean == pytest.approx(50.0)
+        assert room["ceiling"].mean == pytest.approx(90.0) and room["room"] == pytest.approx(40.0)
 
 
 def test_reference_must_be_a_row_of_a_rounds_to_target_table():

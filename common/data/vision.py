@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision import datasets
-from torchvision.datasets.folder import make_dataset
+
 
 from common.data import Dataset, Split, cached, register
 from common.errors import DatasetCorrupt, DatasetMissing
@@ -29,7 +28,14 @@ from common.errors import DatasetCorrupt, DatasetMissing
 CIFAR_SOURCE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
-TORCHVISION_CLASSES = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+def _datasets():
+    """torchvision.datasets, imported on first use: importing torchvision costs seconds, which every training run
+    on offline data would otherwise pay for nothing."""
+    from torchvision import datasets
+    return datasets
+
+
+TORCHVISION_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
 # EMNIST's 'byclass' split: 62 classes (digits, upper- and lower-case letters), the EMNIST CR task of Reddi et al.
@@ -83,9 +89,9 @@ def missing_files(name: str, root: Path) -> list[str]:
         return _folder_missing(name, root)
     if name == "emnist":
         return [str(f) for f in _emnist_files(root) if not f.is_file()]
-    cls = TORCHVISION_CLASSES.get(name)
-    if cls is None:
+    if name not in TORCHVISION_CLASSES:
         return []
+    cls = getattr(_datasets(), TORCHVISION_CLASSES[name])
     folder = root / cls.base_folder
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     return [str(folder / f) for f in files if not (folder / f).is_file()]
@@ -116,12 +122,14 @@ def _load_cifar(cls, root: Path, name: str, num_classes: int, mean, std) -> Data
 
 @register("cifar10")
 def cifar10(root: Path) -> Dataset:
-    return _load_cifar(datasets.CIFAR10, root, "cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    return _load_cifar(_datasets().CIFAR10, root, "cifar10", 10, (0.4914, 0.4822, 0.4465),
+                       (0.2470, 0.2435, 0.2616))
 
 
 @register("cifar100")
 def cifar100(root: Path) -> Dataset:
-    return _load_cifar(datasets.CIFAR100, root, "cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    return _load_cifar(_datasets().CIFAR100, root, "cifar100", 100, (0.5071, 0.4865, 0.4409),
+                       (0.2673, 0.2564, 0.2762))
 
 
 @register("emnist")
@@ -134,7 +142,7 @@ def emnist(root: Path) -> Dataset:
             f"download=True)\"` on a machine with internet access, or unpack the gzip files from {EMNIST_SOURCE} "
             f"into '{root / 'EMNIST' / 'raw'}'.")
     try:
-        train, test = (datasets.EMNIST(str(root), split=EMNIST_SPLIT, train=t) for t in (True, False))
+        train, test = (_datasets().EMNIST(str(root), split=EMNIST_SPLIT, train=t) for t in (True, False))
     except (RuntimeError, ValueError, AssertionError) as e:  # torchvision asserts on a malformed IDX header
         raise DatasetCorrupt(f"emnist in '{root / 'EMNIST' / 'raw'}' could not be read ({e}); re-download the files "
                              f"listed in torchvision.datasets.EMNIST") from None
@@ -144,7 +152,8 @@ def emnist(root: Path) -> Dataset:
         x = ds.data.transpose(1, 2).unsqueeze(1).float() / 255.0
         return Split(x.contiguous(), ds.targets.to(torch.int64))
 
-    return Dataset("emnist", to_split(train), to_split(test), len(datasets.EMNIST.classes_split_dict[EMNIST_SPLIT]),
+    classes = len(_datasets().EMNIST.classes_split_dict[EMNIST_SPLIT])
+    return Dataset("emnist", to_split(train), to_split(test), classes,
                    f"EMNIST {EMNIST_SPLIT} from {root / 'EMNIST' / 'raw'} (torchvision format), 28x28x1, "
                    f"values in [0, 1]")
 
@@ -159,6 +168,7 @@ def _require(name: str, root: Path, howto: str) -> None:
 def _image_files(folder: Path, classes, extension: str) -> list[tuple[str, int]]:
     """(path, label) of every image under folder/<class>/ (recursively), sorted by class, then path."""
     try:
+        from torchvision.datasets.folder import make_dataset
         return make_dataset(str(folder), {c: i for i, c in enumerate(classes)}, extensions=(extension,))
     except FileNotFoundError as e:  # a class folder with no image of this extension
         raise DatasetMissing(f"{folder}: {e}") from None

@@ -207,10 +207,11 @@ class ReportBuilder:
                      "room": None, "rounds": ceiling.specs[0]["training"]["rounds"],
                      "local_epochs": ceiling.specs[0]["training"]["local_epochs"]}
             if t["metric"] == "rounds_to_target":
-                i, j = ceiling.cells[0]
-                target = self.metric_args(table, self.cells[table][i][j]).get("target")
-                if target is not None:
-                    entry.update(baseline=CellValue(100 * target, n=1), of="target")
+                # the highest target on this analog: the one with the least room under the ceiling
+                targets = [self.metric_args(table, self.cells[table][i][j]).get("target") for i, j in ceiling.cells]
+                targets = [x for x in targets if x is not None]
+                if targets:
+                    entry.update(baseline=CellValue(100 * max(targets), n=1), of="target")
             else:
                 base = [(ours[i][j], f"{rows[i]}, {cols[j]}") for i, j in ceiling.cells
                         if (rows[i] in beaten or cols[j] in beaten) and ours[i][j].available]
