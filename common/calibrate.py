@@ -26,7 +26,7 @@ import torch
 
 from common.data import Dataset, fingerprint
 from common.data.partition import partition_fingerprint
-from common.errors import SuiteError
+from common.errors import SuiteError, entry_point
 from common.fl.algorithms import build_registered, registrar
 from common.fl.engine import evaluate
 from common.results import provenance, read_result, read_spec, run_id, write_json_atomic
@@ -111,6 +111,7 @@ def execute(spec: dict, model_path: Path, base_result: dict, data_root: str = "d
     return record
 
 
+@entry_point
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", type=Path, help="calibration spec")
@@ -121,13 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    try:
-        record = execute(read_spec(args.spec), args.model, read_result(args.base_result), args.data_root,
-                         args.device, args.threads)
-        write_json_atomic(args.out, record)
-    except SuiteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    record = execute(read_spec(args.spec), args.model, read_result(args.base_result), args.data_root,
+                     args.device, args.threads)
+    write_json_atomic(args.out, record)
     return 0
 
 

@@ -12,31 +12,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.errors import SuiteError
+from common.errors import entry_point
 from common.experiments import load_paper, table_cells
-from common.report.metrics import best_of, cell_value
+from common.report.metrics import best_grid_point
 from common.results import read_result, write_json_atomic
-
-
-def best_point(paper_name: str, table: str, row: int, col: int, scale: str, seeds, results: dict):
-    """(the cell, index of its best grid point by the tuning seed's value, or None when every point diverged);
-    `results` maps run id -> result. The report builder makes the same choice."""
-    paper = load_paper(paper_name)
-    cell = table_cells(paper, table, scale, seeds)[row][col]
-    t = paper["tables"][table]
-    values = [cell_value([results[r] for r in p.run_ids], t["metric"], cell.eval) for p in cell.points]
-    return cell, best_of(values, t.get("lower_is_better", False))
 
 
 def confirmation_spec(paper_name: str, table: str, row: int, col: int, seed: int, scale: str, seeds,
                       results_dir: Path) -> dict | None:
-    """The best point's spec with `seed`; None when every point of the grid diverged."""
-    cell = table_cells(load_paper(paper_name), table, scale, seeds)[row][col]
+    """The spec of the cell's best grid point (by the tuning seed's value, as the report chooses it) with `seed`;
+    None when every point of the grid diverged."""
+    paper = load_paper(paper_name)
+    t = paper["tables"][table]
+    cell = table_cells(paper, table, scale, seeds)[row][col]
     results = {rid: read_result(results_dir / f"{rid}.json") for p in cell.points for rid in p.run_ids}
-    cell, best = best_point(paper_name, table, row, col, scale, seeds, results)
+    best = best_grid_point(cell.points, results, t["metric"], cell.eval, t.get("lower_is_better", False))
     return None if best is None else {**cell.points[best].specs[0], "seed": seed}
 
 
+@entry_point
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paper")
@@ -55,20 +49,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from common.results import run_id
     from common.train import execute
-    try:
-        spec = confirmation_spec(args.paper, args.table, args.row, args.col, args.seed, args.scale,
-                                 args.seeds or None, args.results)
-        if spec is None:
-            write_json_atomic(args.out, {"status": "diverged", "spec": None, "run_id": None,
-                                         "note": "every grid point diverged on the tuning seed"})
-            return 0
-        args.checkpoints.mkdir(parents=True, exist_ok=True)
-        result = execute(spec, args.data_root, args.device, args.threads,
-                         checkpoint=args.checkpoints / f"{run_id(spec)}.pt")
-        write_json_atomic(args.out, result)
-    except SuiteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = confirmation_spec(args.paper, args.table, args.row, args.col, args.seed, args.scale,
+                             args.seeds or None, args.results)
+    if spec is None:
+        write_json_atomic(args.out, {"status": "diverged", "spec": None, "run_id": None,
+                                     "note": "every grid point diverged on the tuning seed"})
+        return 0
+    args.checkpoints.mkdir(parents=True, exist_ok=True)
+    result = execute(spec, args.data_root, args.device, args.threads,
+                     checkpoint=args.checkpoints / f"{run_id(spec)}.pt")
+    write_json_atomic(args.out, result)
     return 0
 
 

@@ -15,7 +15,7 @@ import torch
 
 from common.data import fingerprint, load_dataset, train_test_overlap
 from common.data.partition import partition, partition_fingerprint
-from common.errors import SuiteError
+from common.errors import SuiteError, entry_point
 from common.fl import FederatedRun, RunContext, get_algorithm
 from common.models import build_model
 from common.results import provenance, read_spec, run_id, write_failed, write_json_atomic
@@ -110,6 +110,7 @@ def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: i
     }
 
 
+@entry_point
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", type=Path)
@@ -120,16 +121,12 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, help="save state after every round here; resume from it if present")
     ap.add_argument("--model-out", type=Path, help="save the final global model (state_dict) here")
     args = ap.parse_args(argv)
-    try:
-        spec = read_spec(args.spec)
-        if args.checkpoint:
-            args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        result = execute(spec, args.data_root, args.device, args.threads, progress=sys.stderr.isatty(),
-                         checkpoint=args.checkpoint, model_out=args.model_out)
-        write_json_atomic(args.out, result)
-    except SuiteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = read_spec(args.spec)
+    if args.checkpoint:
+        args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    result = execute(spec, args.data_root, args.device, args.threads, progress=sys.stderr.isatty(),
+                     checkpoint=args.checkpoint, model_out=args.model_out)
+    write_json_atomic(args.out, result)
     if args.checkpoint:
         args.checkpoint.unlink(missing_ok=True)
     return 0

@@ -5,19 +5,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common.errors import SuiteError
+from common.errors import SuiteError, entry_point
 from common.data import dataset_name
 from common.experiments import (ACCURACY_METRICS, Cell, Ceiling, confirmation_name, is_calibration, load_paper,
                                 scale_config, table_ceilings, table_cells, table_grid, training_spec)
 from common.report.claims import MARKS, PROCEDURE, Verdict, beaten_labels, check_claim
-from common.report.metrics import CellValue, best_of, cell_value, paper_value, within_tolerance
+from common.report.metrics import (CellValue, best_grid_point, cell_value, grid_point_values, paper_value,
+                                   within_tolerance)
 from common.report.plots import accuracy_per_round, curves, grid_heatmaps, sample_grid
 from common.results import git_commit, read_result, run_id, write_json_atomic, write_text_atomic
 
@@ -108,15 +108,15 @@ class ReportBuilder:
     # --- numbers ---------------------------------------------------------------------------------------------
     def point_values(self, table: str, cell: Cell) -> list[tuple[dict, CellValue]]:
         """(settings, value) of every grid point of a cell of a table with a grid."""
-        metric = self.paper["tables"][table]["metric"]
-        return [(dict(p.settings), cell_value([self.results[r] for r in p.run_ids], metric,
-                                              self.metric_args(table, cell)))
-                for p in cell.points]
+        values = grid_point_values(cell.points, self.results, self.paper["tables"][table]["metric"],
+                                   self.metric_args(table, cell))
+        return [(dict(p.settings), v) for p, v in zip(cell.points, values)]
 
     def best_point(self, table: str, cell: Cell):
         """The cell's grid point with the best value; None when every point diverged."""
-        values = [v for _, v in self.point_values(table, cell)]
-        i = best_of(values, self.paper["tables"][table].get("lower_is_better", False))
+        t = self.paper["tables"][table]
+        i = best_grid_point(cell.points, self.results, t["metric"], self.metric_args(table, cell),
+                            t.get("lower_is_better", False))
         return None if i is None else cell.points[i]
 
     def cell_run_ids(self, table: str, cell: Cell) -> list[str]:
@@ -634,6 +634,7 @@ class ReportBuilder:
         write_text_atomic(out, "\n\n".join(p for p in parts if p) + "\n")
 
 
+@entry_point
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paper")
@@ -645,13 +646,8 @@ def main(argv=None) -> int:
     ap.add_argument("--figures", type=Path, default=Path("reports/figures"))
     ap.add_argument("--data-root", default="data", help="where paper-scale datasets live (for sample figures)")
     args = ap.parse_args(argv)
-    try:
-        ReportBuilder(args.paper, args.scale, args.results, args.seeds or None, args.data_root,
-                      args.calibrations).build(
-            args.out or Path("reports") / f"{args.paper}.md", args.figures)
-    except SuiteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ReportBuilder(args.paper, args.scale, args.results, args.seeds or None, args.data_root,
+                  args.calibrations).build(args.out or Path("reports") / f"{args.paper}.md", args.figures)
     return 0
 
 

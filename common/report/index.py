@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.errors import SuiteError
+from common.errors import SuiteError, entry_point
 from common.experiments import known_papers, load_paper
 from common.report.claims import CONTRADICTED, HOLDS, INCONCLUSIVE, MARKS, NOT_EVALUABLE, PROCEDURE
 from common.results import write_text_atomic
@@ -53,19 +53,16 @@ def index_markdown(reports_dir: Path) -> str:
         "the numbers are analog numbers on offline data, not results on the papers' datasets. Build time: minutes "
         "from the first run's start to the last run's end, with `-c 2` on a 2-core CPU.", "",
         *table, "",
-        f"All reports: " + ", ".join(f"{MARKS[o]} {totals[o]}" for o in OUTCOMES) + ".", ""])
+        "All reports: " + ", ".join(f"{MARKS[o]} {totals[o]}" for o in OUTCOMES) + ".", ""])
 
 
+@entry_point
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reports", type=Path, default=Path("reports"))
     ap.add_argument("--out", type=Path, default=Path("reports/README.md"))
     args = ap.parse_args(argv)
-    try:
-        write_text_atomic(args.out, index_markdown(args.reports))
-    except SuiteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    write_text_atomic(args.out, index_markdown(args.reports))
     return 0
 
 

@@ -139,6 +139,17 @@ def best_of(values: list[CellValue], lower_is_better: bool) -> int | None:
     return pick(available, key=lambda i: values[i].mean)
 
 
+def grid_point_values(points, results: dict, metric: str, eval_args: dict) -> list[CellValue]:
+    """The value of each grid point of a cell (`points`: its RunsAndMetric points; `results`: run id -> result)."""
+    return [cell_value([results[r] for r in p.run_ids], metric, eval_args) for p in points]
+
+
+def best_grid_point(points, results: dict, metric: str, eval_args: dict, lower_is_better: bool) -> int | None:
+    """Index of a cell's best grid point (on the runs it has: the tuning seed's), None when every point diverged.
+    The one choice both the confirmation runs (common/confirm.py) and the report make."""
+    return best_of(grid_point_values(points, results, metric, eval_args), lower_is_better)
+
+
 def paper_value(raw) -> CellValue:
     """A value from paper.yaml: a number, "mean±std", null (not reported), or "not verified" (the paper reports it,
     but it could not be read from a primary copy of the paper, so it is not quoted)."""
