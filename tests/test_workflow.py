@@ -13,7 +13,7 @@ from common.experiments import known_papers, load_paper, paper_runs
 
 REPO = Path(__file__).resolve().parent.parent
 # What legitimately differs between two identical runs: clocks.
-VOLATILE = {"started", "wall_time_s", "round_seconds", "provenance"}
+VOLATILE = {"started", "wall_time_s", "round_seconds", "train_seconds", "provenance"}
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:

@@ -84,7 +84,7 @@ def register(name: str):
 
 
 # How reports name each loader's data, so an analog is never mistaken for the paper's dataset.
-DATASET_NAMES = {"mnist5k": "MNIST 5k", "mnist1d": "mnist1d", "digits5": "digits5 (offline)", "digits28": "sklearn digits",
+DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST 5k", "mnist1d": "mnist1d", "digits5": "digits5 (offline)", "digits28": "sklearn digits",
                  "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "emnist": "EMNIST", "tinyimagenet": "Tiny-ImageNet",
                  "cinic10": "CINIC-10", "digits_five": "Digits-Five", "office_caltech10": "Office-Caltech-10",
                  "domainnet10": "DomainNet (10 classes)"}

@@ -83,6 +83,8 @@ def missing_files(name: str, root: Path) -> list[str]:
         return _folder_missing(name, root)
     if name == "emnist":
         return [str(f) for f in _emnist_files(root) if not f.is_file()]
+    if name == "mnist":
+        return [str(f) for f in _mnist_files(root) if not f.is_file()]
     cls = TORCHVISION_CLASSES.get(name)
     if cls is None:
         return []
@@ -147,6 +149,36 @@ def emnist(root: Path) -> Dataset:
     return Dataset("emnist", to_split(train), to_split(test), len(datasets.EMNIST.classes_split_dict[EMNIST_SPLIT]),
                    f"EMNIST {EMNIST_SPLIT} from {root / 'EMNIST' / 'raw'} (torchvision format), 28x28x1, "
                    f"values in [0, 1]")
+
+
+MNIST_SOURCE = "http://yann.lecun.com/exdb/mnist/"
+
+
+def _mnist_files(root: Path) -> list[Path]:
+    raw = root / "MNIST" / "raw"  # torchvision.datasets.MNIST's layout
+    return [raw / f"{part}-{kind}-ubyte" for part in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+
+
+@register("mnist")
+def mnist(root: Path) -> Dataset:
+    """The full MNIST (60,000 / 10,000), 28x28 grey, values in [0, 1] like the offline MNIST 5k subset."""
+    missing = missing_files("mnist", root)
+    if missing:
+        raise DatasetMissing(
+            f"mnist is not in data_root '{root}': missing {', '.join(missing)}. Obtain it with "
+            f"`python -c \"import torchvision; torchvision.datasets.MNIST('{root}', download=True)\"` on a machine "
+            f"with internet access, or unpack the four gzip files from {MNIST_SOURCE} into '{root / 'MNIST' / 'raw'}'.")
+    try:
+        train, test = (datasets.MNIST(str(root), train=t) for t in (True, False))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise DatasetCorrupt(f"mnist in '{root / 'MNIST' / 'raw'}' could not be read ({e}); re-download the files "
+                             f"listed in torchvision.datasets.MNIST") from None
+
+    def to_split(ds) -> Split:
+        return Split((ds.data.unsqueeze(1).float() / 255.0).contiguous(), ds.targets.to(torch.int64))
+
+    return Dataset("mnist", to_split(train), to_split(test), 10,
+                   f"MNIST from {root / 'MNIST' / 'raw'} (torchvision format), 28x28x1, values in [0, 1]")
 
 
 def _require(name: str, root: Path, howto: str) -> None:

@@ -93,6 +93,7 @@ class FederatedRun:
         self.rounds, self.fraction = t["rounds"], t["client_fraction"]
         self.epochs, self.batch_size, self.lr = t["local_epochs"], t["batch_size"], t["lr"]
         self.momentum, self.weight_decay = t.get("momentum", 0.0), t.get("weight_decay", 0.0)
+        self.local_steps = t.get("local_steps")  # None: local_epochs passes over the client's data
         self.lr_decay = t.get("lr_decay", 1.0)  # client lr of round r: lr * lr_decay**r (1: constant)
         self.seed = ctx.spec["seed"]
         dev = ctx.device
@@ -118,9 +119,15 @@ class FederatedRun:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         model.train()
         total, steps = 0.0, 0
-        for _ in range(self.epochs):
+        # `local_steps` minibatch steps instead of `local_epochs` passes: the first batches of the round's
+        # permutations of the client's data (data-parallel SGD: one step per round)
+        limit = self.local_steps
+        epochs = self.epochs if limit is None else math.ceil(limit / math.ceil(len(y) / self.batch_size))
+        for _ in range(epochs):
             perm = torch.randperm(len(y), generator=gen).to(self.ctx.device)
             for i in range(0, len(y), self.batch_size):
+                if steps == limit:
+                    break
                 b = perm[i:i + self.batch_size]
                 loss = algo.local_loss(model, x[b], y[b])
                 opt.zero_grad(set_to_none=True)
@@ -211,15 +218,18 @@ class FederatedRun:
         for r in bar:
             started = time.perf_counter()
             sampled = self.sample_clients(r)
-            states, weights, losses = [], [], []
+            states, weights, losses, down, up = [], [], [], [], []
             for k in sampled:
                 ctx.model.load_state_dict(global_state)
+                down.append(algo.download_bytes(global_state, k, r))
                 algo.begin_client(ctx.model, global_state, k)
-                loss, steps = self.local_train(k, r)
+                loss, steps = algo.train_client(self, k, r)
                 losses.append(loss)
                 algo.end_client(ctx.model, global_state, k, steps)
                 states.append(clone_state(ctx.model))
+                up.append(algo.upload_bytes(states[-1], k, r))
                 weights.append(len(ctx.parts[k]))
+            train_seconds = time.perf_counter() - started
             train_loss = float(np.mean(losses))
             if not math.isfinite(train_loss):
                 hist.status = "diverged"
@@ -236,7 +246,12 @@ class FederatedRun:
             hist.train_loss.append(train_loss)
             for key, value in metrics.items():
                 hist.log(key, value)
+            # communication of the round, per sampled client (common/fl/communication.py)
+            hist.log("clients", sampled)
+            hist.log("bytes_down", down)
+            hist.log("bytes_up", up)
             hist.log("round_seconds", time.perf_counter() - started)
+            hist.log("train_seconds", train_seconds)  # the clients' local work, one after another
             bar.set_postfix(acc=f"{acc:.3f}")
             if checkpoint is not None:
                 self.save_checkpoint(Path(checkpoint), r + 1, global_state, hist)
