@@ -71,3 +71,6 @@ def test_report_metrics_on_bytes_by_hand():
     assert accuracy_at_bytes(res, 5.0) == (0.0, True)
     # 8 Mbit/s links and 10 ms latency: per round 2 * 0.01 + 3 MB / 1 MB/s = 3.02 s on the wire, 0.5 s compute
     assert abs(time_to_target(res, 0.7, bandwidth_mbit=8, latency_ms=10)[0] - 2 * 3.52) < 1e-9
+    assert abs(time_to_target(res, 0.7, bandwidth_mbit=8, latency_ms=10, compute=False)[0] - 2 * 3.02) < 1e-9
+    res["metrics"]["train_seconds"] = [1.0, 9.0, 1.0]  # a round slowed by another process: the median counts
+    assert abs(time_to_target(res, 0.9, bandwidth_mbit=8, latency_ms=10)[0] - 3 * 3.52) < 1e-9

@@ -340,23 +340,31 @@ class ReportBuilder:
                 _md_table([""] + cols, [[r] + [best(c) for c in row] for r, row in zip(rows, self.cells[table])]), ""]
 
     def _targets(self, table: str) -> str:
-        """The accuracy targets, byte budgets and communication-cost model of a table's cells, per column."""
+        """The accuracy targets, byte budgets and communication-cost model of a table's cells (once when every
+        column has the same, else per column)."""
         t = self.paper["tables"][table]
-        pairs = []
+        targets, models = [], []
         for j, col in enumerate(t["columns"]):
             cell = next((row[j] for row in self.cells[table] if row[j].specs), None)
             args = self.metric_args(table, cell) if cell else {}
             target, budget = args.get("target"), args.get("budget")
             if target is not None:
                 of = f" ({cell.eval['reference']}'s final accuracy)" if "reference" in cell.eval else ""
-                pairs.append(f"{col['label']}: {100 * target:.4g}%{of}")
+                targets.append((col["label"], f"{100 * target:.4g}%{of}"))
             if budget is not None:
-                pairs.append(f"{col['label']}: budget {budget:.4g} MB ({cell.eval['budget_of']}'s bytes)")
+                targets.append((col["label"], f"budget {budget:.4g} MB ({cell.eval['budget_of']}'s bytes)"))
             if "bandwidth_mbit" in args:
-                pairs.append(f"{col['label']}: communication-cost model of one {_g(args['bandwidth_mbit'])} Mbit/s "
-                             f"link per client with {_g(args['latency_ms'])} ms latency each way, beside the "
-                             f"measured compute time")
-        return ", ".join(pairs)
+                models.append((col["label"], f"a {_g(args['bandwidth_mbit'])} Mbit/s link per client with "
+                                             f"{_g(args['latency_ms'])} ms latency each way"))
+
+        def listed(pairs):
+            if len({v for _, v in pairs}) == 1 and len(pairs) == len(t["columns"]):
+                return pairs[0][1]
+            return ", ".join(f"{c}: {v}" for c, v in pairs)
+        out = listed(targets) if targets else ""
+        if models:
+            out += ("; " if out else "") + f"communication-cost model: {listed(models)}, beside the measured compute time"
+        return out
 
     def verdicts(self) -> list[tuple[dict, Verdict, Verdict]]:
         """(claim, verdict on the paper's numbers, verdict on ours) for every claim of the paper."""

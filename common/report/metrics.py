@@ -127,15 +127,18 @@ def communication_seconds(result: dict, bandwidth_mbit: float, latency_ms: float
             for down, up in zip(m["bytes_down"], m["bytes_up"])]
 
 
-def time_to_target(result: dict, target: float, bandwidth_mbit: float, latency_ms: float) -> tuple[float, bool]:
-    """Seconds until the first round reaching `target`: per round the measured compute of one client (the
-    round's local work divided by its clients, who run in parallel in the modelled system) plus the modelled
-    communication (`communication_seconds`); (total + 1, True) when never reached."""
+def time_to_target(result: dict, target: float, bandwidth_mbit: float, latency_ms: float,
+                   compute: bool = True) -> tuple[float, bool]:
+    """Seconds until the first round reaching `target`: per round the modelled communication
+    (`communication_seconds`) plus, with `compute`, the measured compute of one client: the median over rounds of
+    the round's local work divided by its clients (who run in parallel in the modelled system; the median, as
+    other processes on a shared machine slow some rounds). (Total + 1, True) when never reached."""
     m = result["metrics"]
     comm = communication_seconds(result, bandwidth_mbit, latency_ms)
+    step = float(np.median([s / len(c) for s, c in zip(m["train_seconds"], m["clients"])])) if compute else 0.0
     total = 0.0
     for r, acc in enumerate(m["test_accuracy"]):
-        total += m["train_seconds"][r] / len(m["clients"][r]) + comm[r]
+        total += step + comm[r]
         if acc >= target:
             return total, False
     return total + 1, True
@@ -169,8 +172,8 @@ class CellValue:
             return "diverged" if self.diverged == self.n else f"diverged ({self.diverged}/{self.n} seeds)"
         if not self.available:
             return self.note or "—"
-        if self.censored == self.n:
-            return f"> {self.mean - 1:.0f}"
+        if self.censored == self.n:  # a censored value is the budget + 1 (rounds, bytes, seconds)
+            return f"> {self.mean - 1:.{decimals}f}"
         text = f"{self.mean:.{decimals}f}"
         if self.std is not None:
             text += f"±{self.std:.{decimals}f}"
