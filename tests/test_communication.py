@@ -68,7 +68,7 @@ def test_report_metrics_on_bytes_by_hand():
     assert bytes_to_target(res, 0.95) == (19.0, True)  # never reached: all 18 MB + 1
     assert bytes_per_round(res) == (1.0, False)
     assert accuracy_at_bytes(res, 12.0) == (70.0, False)
-    assert accuracy_at_bytes(res, 5.0) == (0.0, True)
+    assert accuracy_at_bytes(res, 5.0) == (0.0, False)
     # 8 Mbit/s links and 10 ms latency: per round 2 * 0.01 + 3 MB / 1 MB/s = 3.02 s on the wire, 0.5 s compute
     assert abs(time_to_target(res, 0.7, bandwidth_mbit=8, latency_ms=10)[0] - 2 * 3.52) < 1e-9
     assert abs(time_to_target(res, 0.7, bandwidth_mbit=8, latency_ms=10, compute=False)[0] - 2 * 3.02) < 1e-9

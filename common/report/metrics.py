@@ -107,15 +107,15 @@ def bytes_per_round(result: dict, direction: str = "up", scale: float = 1e-6) ->
 
 
 def accuracy_at_bytes(result: dict, budget: float, direction: str = "both", scale: float = 1e-6) -> tuple[float, bool]:
-    """Test accuracy (%) after the last round whose cumulative bytes (times `scale`) stay within `budget`; 0
-    (censored) when even the first round needs more."""
+    """Test accuracy (%) after the last round whose cumulative bytes (times `scale`) stay within `budget`; 0 when
+    even the first round needs more (no model within the budget)."""
     total, acc = 0.0, None
     for b, a in zip(round_bytes(result, direction), result["metrics"]["test_accuracy"]):
         total += b
         if scale * total > budget * (1 + 1e-9):
             break
         acc = a
-    return (0.0, True) if acc is None else (100.0 * acc, False)
+    return (0.0 if acc is None else 100.0 * acc), False
 
 
 def communication_seconds(result: dict, bandwidth_mbit: float, latency_ms: float) -> list[float]:
