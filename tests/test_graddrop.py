@@ -115,3 +115,21 @@ def test_download_is_the_initial_model_then_the_sparse_mean_step():
     assert hist.extra["bytes_down"][0] == [MODEL_BYTES] * 6
     second = hist.extra["bytes_down"][1][0]
     assert (second - 4 * BUFFERS - 8) % 8 == 0 and second < MODEL_BYTES  # sparse pairs plus the buffers
+
+
+def test_full_mnist_for_the_paper_scale_loads_from_idx_files(tmp_path):
+    """Both communication papers' paper scale reads MNIST from data_root (checked on tiny files written here)."""
+    import numpy as np
+    from common.data import load_dataset, missing_files
+    from common.errors import DatasetMissing
+    from test_fedopt_data import write_idx
+    with pytest.raises(DatasetMissing, match="t10k-labels-idx1-ubyte.*torchvision.datasets.MNIST"):
+        load_dataset("mnist", data_root=tmp_path)
+    raw, rng = tmp_path / "MNIST" / "raw", np.random.default_rng(0)
+    for part, n in (("train", 6), ("t10k", 4)):
+        write_idx(raw / f"{part}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{part}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    assert missing_files("mnist", tmp_path) == []
+    d = load_dataset("mnist", data_root=tmp_path)
+    assert (len(d.train), len(d.test), d.num_classes, d.input_shape) == (6, 4, 10, (1, 28, 28))
+    assert 0 <= d.train.x.min() and d.train.x.max() <= 1

@@ -126,20 +126,30 @@ def cifar100(root: Path) -> Dataset:
     return _load_cifar(datasets.CIFAR100, root, "cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 
 
+def _idx_dataset(name: str, cls, root: Path, source: str, read, **options) -> tuple:
+    """(train, test) of a torchvision IDX-format dataset (MNIST, EMNIST) read by `read`: missing files are named with
+    how to obtain them (torchvision's download with `options`, or the gzip files from `source`); a file torchvision
+    cannot parse is DatasetCorrupt."""
+    raw = root / cls.__name__ / "raw"  # torchvision's layout
+    missing = missing_files(name, root)
+    if missing:
+        extra = "".join(f"{k}='{v}', " for k, v in options.items())
+        raise DatasetMissing(
+            f"{name} is not in data_root '{root}': missing {', '.join(missing)}. Obtain it with "
+            f"`python -c \"import torchvision; torchvision.datasets.{cls.__name__}('{root}', {extra}"
+            f"download=True)\"` on a machine with internet access, or unpack the gzip files from {source} "
+            f"into '{raw}'.")
+    try:
+        return read()
+    except (RuntimeError, ValueError, AssertionError) as e:  # torchvision asserts on a malformed IDX header
+        raise DatasetCorrupt(f"{name} in '{raw}' could not be read ({e}); re-download the files "
+                             f"listed in torchvision.datasets.{cls.__name__}") from None
+
+
 @register("emnist")
 def emnist(root: Path) -> Dataset:
-    missing = missing_files("emnist", root)
-    if missing:
-        raise DatasetMissing(
-            f"emnist is not in data_root '{root}': missing {', '.join(missing)}. Obtain it with "
-            f"`python -c \"import torchvision; torchvision.datasets.EMNIST('{root}', split='{EMNIST_SPLIT}', "
-            f"download=True)\"` on a machine with internet access, or unpack the gzip files from {EMNIST_SOURCE} "
-            f"into '{root / 'EMNIST' / 'raw'}'.")
-    try:
-        train, test = (datasets.EMNIST(str(root), split=EMNIST_SPLIT, train=t) for t in (True, False))
-    except (RuntimeError, ValueError, AssertionError) as e:  # torchvision asserts on a malformed IDX header
-        raise DatasetCorrupt(f"emnist in '{root / 'EMNIST' / 'raw'}' could not be read ({e}); re-download the files "
-                             f"listed in torchvision.datasets.EMNIST") from None
+    train, test = _idx_dataset("emnist", datasets.EMNIST, root, EMNIST_SOURCE, lambda: tuple(
+        datasets.EMNIST(str(root), split=EMNIST_SPLIT, train=t) for t in (True, False)), split=EMNIST_SPLIT)
 
     def to_split(ds) -> Split:
         # EMNIST's files store each image transposed; turn it upright, as MNIST
@@ -162,17 +172,8 @@ def _mnist_files(root: Path) -> list[Path]:
 @register("mnist")
 def mnist(root: Path) -> Dataset:
     """The full MNIST (60,000 / 10,000), 28x28 grey, values in [0, 1] like the offline MNIST 5k subset."""
-    missing = missing_files("mnist", root)
-    if missing:
-        raise DatasetMissing(
-            f"mnist is not in data_root '{root}': missing {', '.join(missing)}. Obtain it with "
-            f"`python -c \"import torchvision; torchvision.datasets.MNIST('{root}', download=True)\"` on a machine "
-            f"with internet access, or unpack the four gzip files from {MNIST_SOURCE} into '{root / 'MNIST' / 'raw'}'.")
-    try:
-        train, test = (datasets.MNIST(str(root), train=t) for t in (True, False))
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise DatasetCorrupt(f"mnist in '{root / 'MNIST' / 'raw'}' could not be read ({e}); re-download the files "
-                             f"listed in torchvision.datasets.MNIST") from None
+    train, test = _idx_dataset("mnist", datasets.MNIST, root, MNIST_SOURCE, lambda: tuple(
+        datasets.MNIST(str(root), train=t) for t in (True, False)))
 
     def to_split(ds) -> Split:
         return Split((ds.data.unsqueeze(1).float() / 255.0).contiguous(), ds.targets.to(torch.int64))

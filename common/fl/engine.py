@@ -7,6 +7,7 @@ Every random choice (initialisation, client sampling, batch order) is derived fr
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -80,6 +81,21 @@ def evaluate_domains(run: "FederatedRun", model_for_domain) -> dict:
             "domain_accuracy": accs, "domain_loss": losses}
 
 
+def minimise(losses, opt: torch.optim.Optimizer) -> tuple[float, int]:
+    """One optimiser step on each loss of the iterable `losses` (computed lazily, one after another); returns
+    (mean loss, steps), or (the nan/inf sum, steps) as soon as the loss diverges."""
+    total, steps = 0.0, 0
+    for loss in losses:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item()
+        steps += 1
+        if not math.isfinite(total):
+            return total, steps
+    return total / max(steps, 1), steps
+
+
 def clone_state(model: torch.nn.Module) -> State:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -108,36 +124,33 @@ class FederatedRun:
         rng = np.random.default_rng(sub_seed(self.seed, round_index, 0xC11E))
         return sorted(rng.choice(n, size=m, replace=False).tolist())
 
+    def client_batches(self, client: int, epochs: int, generator: torch.Generator):
+        """The client's data in minibatches of `batch_size`: `epochs` passes, each in a fresh permutation drawn from
+        `generator` when the pass begins."""
+        idx = self.ctx.parts[client].to(self.ctx.device)
+        x, y = self.x[idx], self.y[idx]
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=generator).to(self.ctx.device)
+            for i in range(0, len(y), self.batch_size):
+                b = perm[i:i + self.batch_size]
+                yield x[b], y[b]
+
     def local_train(self, client: int, round_index: int) -> tuple[float, int]:
         """Local SGD on one client's data; returns (mean training loss, nan/inf if it diverged; SGD steps)."""
         model, algo = self.ctx.model, self.algo
-        idx = self.ctx.parts[client].to(self.ctx.device)
-        x, y = self.x[idx], self.y[idx]
         gen = torch.Generator().manual_seed(sub_seed(self.seed, round_index, client))
         lr = self.lr if self.lr_decay == 1.0 else self.lr * self.lr_decay ** round_index
         self.ctx.round_lr = lr  # for hooks whose maths depends on it (SCAFFOLD's control update in end_client)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         model.train()
-        total, steps = 0.0, 0
         # `local_steps` minibatch steps instead of `local_epochs` passes: the first batches of the round's
         # permutations of the client's data (data-parallel SGD: one step per round)
         limit = self.local_steps
-        epochs = self.epochs if limit is None else math.ceil(limit / math.ceil(len(y) / self.batch_size))
-        for _ in range(epochs):
-            perm = torch.randperm(len(y), generator=gen).to(self.ctx.device)
-            for i in range(0, len(y), self.batch_size):
-                if steps == limit:
-                    break
-                b = perm[i:i + self.batch_size]
-                loss = algo.local_loss(model, x[b], y[b])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item()
-                steps += 1
-                if not math.isfinite(total):
-                    return total, steps
-        return total / max(steps, 1), steps
+        per_epoch = math.ceil(len(self.ctx.parts[client]) / self.batch_size)
+        batches = self.client_batches(client, self.epochs if limit is None else math.ceil(limit / per_epoch), gen)
+        if limit is not None:
+            batches = itertools.islice(batches, limit)
+        return minimise((algo.local_loss(model, x, y) for x, y in batches), opt)
 
     def save_checkpoint(self, path: Path, next_round: int, global_state: State, hist: History) -> None:
         """Everything needed to continue after `next_round - 1`, as plain data (tensors, numbers, strings, lists,

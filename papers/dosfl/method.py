@@ -26,15 +26,13 @@ trains theta_0 on the union of the distilled sets, replaying each client's steps
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from common.fl.algorithms import Algorithm, register_algorithm
 from common.fl.communication import LABEL_BYTES, dense_bytes
-from common.fl.engine import sub_seed
+from common.fl.engine import minimise, sub_seed
 
 
 def unrolled_training(model: torch.nn.Module, params: dict[str, torch.Tensor], x_syn: torch.Tensor,
@@ -99,12 +97,10 @@ class DOSFL(Algorithm):
                                 requires_grad=True)
         opt = torch.optim.Adam([x_syn, step_sizes], lr=self.distill_lr)
         theta0 = {k: v.detach() for k, v in model.named_parameters()}
-        total, steps = 0.0, 0
         model.train()
-        for _ in range(t["local_epochs"]):
-            perm = torch.randperm(len(y), generator=gen).to(ctx.device)
-            for i in range(0, len(y), t["batch_size"]):
-                b = perm[i:i + t["batch_size"]]
+
+        def losses():
+            for x_real, y_real in run.client_batches(client, t["local_epochs"], gen):
                 params = {k: (v + self.soft_reset * torch.randn(v.shape, generator=gen).to(v.device)
                               if self.soft_reset else v).requires_grad_(True) for k, v in theta0.items()}
                 used = x_syn
@@ -112,17 +108,12 @@ class DOSFL(Algorithm):
                     masked = (torch.rand(x_syn.shape[:2], generator=gen) < self.random_masking).to(ctx.device)
                     noise = torch.randn(x_syn.shape, generator=gen).to(ctx.device)
                     used = torch.where(masked.view(*masked.shape, *[1] * len(shape)), noise, x_syn)
-                loss = distillation_loss(model, params, used, y_syn, step_sizes, x[b], y[b])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item()
-                steps += 1
-                if not math.isfinite(total):
-                    return total, steps
+                yield distillation_loss(model, params, used, y_syn, step_sizes, x_real, y_real)
+
+        loss, steps = minimise(losses(), opt)
         self.distilled[client] = {"x": x_syn.detach().clone(), "y": y_syn.to(torch.uint8),
                                   "step_sizes": step_sizes.detach().clone()}
-        return total / max(steps, 1), steps
+        return loss, steps
 
     # --- communication -----------------------------------------------------------------------------------------
     def upload_bytes(self, client_state, client, round_index):
