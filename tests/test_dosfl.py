@@ -76,3 +76,47 @@ def test_one_round_upload_counted_by_hand_and_the_model_learns(server):
     # the uploaded step sizes were learned (they start at the spec's lr)
     assert any(not torch.allclose(d["step_sizes"], torch.full_like(d["step_sizes"], 0.1))
                for d in run.algo.distilled.values())
+
+
+def write_fake_imdb(root):
+    for split, texts in (("train", {"neg": ["Dull, dull film.", "Awful acting"], "pos": ["A great film!", "great"]}),
+                         ("test", {"neg": ["dull plot"], "pos": ["Great cast, unseen-word"]})):
+        for label, reviews in texts.items():
+            folder = root / "aclImdb" / split / label
+            folder.mkdir(parents=True)
+            for i, text in enumerate(reviews):
+                (folder / f"{i}_1.txt").write_text(text)
+
+
+def test_imdb_loader_reads_the_extracted_archive(tmp_path):
+    """The paper-scale IMDB text set (its columns need a text model; the loader is tested on files written here)."""
+    from common.data import load_dataset, missing_files
+    from common.data.text import IMDB_LENGTH, UNKNOWN
+    from common.errors import DatasetMissing
+    with pytest.raises(DatasetMissing, match="aclImdb/train/neg/.*ai.stanford.edu"):
+        load_dataset("imdb", data_root=tmp_path)
+    write_fake_imdb(tmp_path)
+    assert missing_files("imdb", tmp_path) == []
+    d = load_dataset("imdb", data_root=tmp_path)
+    assert d.train.x.shape == (4, IMDB_LENGTH) and d.train.y.tolist() == [0, 0, 1, 1] and d.num_classes == 2
+    assert d.test.y.tolist() == [0, 1]
+    dull, great = d.train.x[0, 0].item(), d.train.x[2, 1].item()
+    assert d.train.x[0, :3].tolist() == [dull, d.train.x[0, 1].item(), dull] and d.test.x[0, 0] == dull
+    assert d.test.x[1, 0] == great and UNKNOWN in d.test.x[1].tolist()  # "unseen" is not in training
+    assert d.train.x[3, 1:].eq(0).all()  # padded
+
+
+def test_trec6_loader_reads_the_label_files(tmp_path):
+    from common.data import load_dataset
+    from common.data.text import TREC_CLASSES
+    from common.errors import DatasetCorrupt
+    folder = tmp_path / "trec"
+    folder.mkdir()
+    (folder / "train_5500.label").write_bytes(b"DESC:manner How did serfdom develop ?\nNUM:date When was Ozzy born ?\n")
+    (folder / "TREC_10.label").write_bytes(b"LOC:city What city had a world fair in 1900 ?\n")
+    d = load_dataset("trec6", data_root=tmp_path)
+    assert d.num_classes == 6 and d.train.y.tolist() == [TREC_CLASSES.index("DESC"), TREC_CLASSES.index("NUM")]
+    assert d.test.y.tolist() == [TREC_CLASSES.index("LOC")] and d.train.x.shape == (2, 40)
+    (folder / "TREC_10.label").write_bytes(b"no label here\n")
+    with pytest.raises(DatasetCorrupt, match="TREC_10.label, line 1"):
+        load_dataset("trec6", data_root=tmp_path)
