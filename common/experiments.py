@@ -38,7 +38,8 @@ from common.results import run_id
 REPO = Path(__file__).resolve().parent.parent
 PAPERS_DIR = REPO / "papers"
 SCHEMA_DIR = REPO / "config"
-EVAL_KEYS = ("target", "reference", "domain", "last_rounds", "logged", "minus", "reduce", "scale")  # cell keys that parameterise the metric, not the run
+EVAL_KEYS = ("target", "reference", "domain", "last_rounds", "logged", "minus", "reduce", "scale", "direction",
+             "budget_of", "bandwidth_mbit", "latency_ms", "compute")  # cell keys that parameterise the metric, not the run
 
 
 def known_papers() -> list[str]:
@@ -290,9 +291,14 @@ class Ceiling(RunsAndMetric):
 def centralised_spec(specs: list[dict]) -> dict:
     """Centralised training with the data, model and schedule of the longest of `specs` (most rounds x local
     epochs; the first of equals): one client holding every training sample the partition uses (a per-domain share
-    stays a share), trained for the same rounds and local epochs."""
+    stays a share), trained for the same rounds and local epochs. A schedule of local steps (data-parallel SGD)
+    keeps its steps, each on a batch as large as the round's clients' batches together."""
     spec = copy.deepcopy(max(specs, key=lambda s: s["training"]["rounds"] * s["training"]["local_epochs"]))
     spec["method"] = {"name": "centralised"}
+    t = spec["training"]
+    if "local_steps" in t:  # data-parallel SGD: the pooled model takes the round's clients' batches as one batch
+        clients = max(1, int(round(t["client_fraction"] * spec["partition"]["clients"])))
+        t["batch_size"] *= clients
     if spec["partition"]["scheme"] != "domain":
         spec["partition"] = {"scheme": "iid", "clients": 1}
     spec["training"]["client_fraction"] = 1.0

@@ -177,6 +177,19 @@ def fedavg_cnn(in_channels: int, num_classes: int, norm: str = "none", channels:
     return Classifier(feats, fc_width, num_classes)
 
 
+def mlp(in_channels: int, num_classes: int, norm: str = "none", hidden: tuple[int, ...] = (256,),
+        input_size: int = 28) -> Classifier:
+    """Fully connected network on the flattened input: hidden linear layers with ReLU, then the linear head."""
+    if norm != "none":
+        raise SuiteError(f"mlp has no normalisation layers; use norm 'none', not '{norm}'")
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_channels * input_size * input_size
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return Classifier(nn.Sequential(*layers), width, num_classes)
+
+
 MODELS = {
     "resnet8": lambda **kw: resnet(8, **kw),
     "resnet20": lambda **kw: resnet(20, **kw),
@@ -186,6 +199,7 @@ MODELS = {
     "digit_cnn": digit_cnn,
     "alexnet_bn": alexnet_bn,
     "fedavg_cnn": fedavg_cnn,
+    "mlp": mlp,
 }
 
 
@@ -193,7 +207,7 @@ def build_model(name: str, in_channels: int, num_classes: int, input_size: int, 
     """`projection: <dim>` adds MOON's projection head (see `with_projection`) to any model."""
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
-    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn"):
+    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp"):
         params = {"input_size": input_size, **params}
     for key in ("channels", "hidden"):
         if key in params:

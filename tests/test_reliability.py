@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 PAPER = "ccvr"  # the smallest smoke report with calibrations
 # `--forcerun report` as the default profile means it: rebuild the requested report, not every report.
 TARGET = [f"reports/{PAPER}.md", "--forcerun", "report", "-p"]
-VOLATILE = {"started", "wall_time_s", "round_seconds", "provenance", "resumed_at_rounds"}
+VOLATILE = {"started", "wall_time_s", "round_seconds", "train_seconds", "provenance", "resumed_at_rounds"}
 
 
 def snakemake(workdir: Path, *args: str, config=(), popen=False, **kw):
@@ -219,7 +219,7 @@ def keep_checkpoint_of_round(run, n: int, where: Path):
 
 def history(h) -> dict:
     return {**{k: v for k, v in vars(h).items() if k not in ("resumed_at", "extra")},
-            "extra": {k: v for k, v in h.extra.items() if k != "round_seconds"}}
+            "extra": {k: v for k, v in h.extra.items() if k not in ("round_seconds", "train_seconds")}}
 
 
 def same_run(a, ha, b, hb) -> bool:

@@ -13,7 +13,7 @@ import torch
 from common.experiments import load_paper, resolve_cell
 
 REPO = Path(__file__).resolve().parent.parent
-VOLATILE = {"started", "wall_time_s", "round_seconds", "provenance", "resumed_at_rounds"}
+VOLATILE = {"started", "wall_time_s", "round_seconds", "train_seconds", "provenance", "resumed_at_rounds"}
 
 
 def strip(obj):

@@ -13,7 +13,7 @@ from common.experiments import known_papers, load_paper, paper_runs
 
 REPO = Path(__file__).resolve().parent.parent
 # What legitimately differs between two identical runs: clocks.
-VOLATILE = {"started", "wall_time_s", "round_seconds", "provenance"}
+VOLATILE = {"started", "wall_time_s", "round_seconds", "train_seconds", "provenance"}
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -169,6 +169,8 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
                "domainnet/sketch/zebra/"]),
     ("moon", ["cifar-100-python/train", "tiny-imagenet-200/wnids.txt", "tiny-imagenet-200/val/images/"]),
     ("ccvr", ["cifar-10-batches-py/data_batch_1", "cinic-10/train/airplane/", "cinic-10/test/truck/"]),
+    ("graddrop", ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"]),
+    ("dosfl", ["MNIST/raw/train-images-idx3-ubyte"]),
 ])
 def test_missing_paper_scale_data_is_one_clear_error(tmp_path, paper, expected_files):
     proc = snakemake(tmp_path, "-n", f"reports/{paper}.md", "--config", "scale=paper",

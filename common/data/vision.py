@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 from common.data import Dataset, Split, cached, register
 from common.errors import DatasetCorrupt, DatasetMissing
 
@@ -89,6 +88,8 @@ def missing_files(name: str, root: Path) -> list[str]:
         return _folder_missing(name, root)
     if name == "emnist":
         return [str(f) for f in _emnist_files(root) if not f.is_file()]
+    if name == "mnist":
+        return [str(f) for f in _mnist_files(root) if not f.is_file()]
     if name not in TORCHVISION_CLASSES:
         return []
     cls = getattr(_datasets(), TORCHVISION_CLASSES[name])
@@ -132,30 +133,62 @@ def cifar100(root: Path) -> Dataset:
                        (0.2673, 0.2564, 0.2762))
 
 
+def _idx_dataset(name: str, cls, root: Path, source: str, read, **options) -> tuple:
+    """(train, test) of a torchvision IDX-format dataset (MNIST, EMNIST) read by `read`: missing files are named with
+    how to obtain them (torchvision's download with `options`, or the gzip files from `source`); a file torchvision
+    cannot parse is DatasetCorrupt."""
+    raw = root / cls.__name__ / "raw"  # torchvision's layout
+    missing = missing_files(name, root)
+    if missing:
+        extra = "".join(f"{k}='{v}', " for k, v in options.items())
+        raise DatasetMissing(
+            f"{name} is not in data_root '{root}': missing {', '.join(missing)}. Obtain it with "
+            f"`python -c \"import torchvision; torchvision.datasets.{cls.__name__}('{root}', {extra}"
+            f"download=True)\"` on a machine with internet access, or unpack the gzip files from {source} "
+            f"into '{raw}'.")
+    try:
+        return read()
+    except (RuntimeError, ValueError, AssertionError) as e:  # torchvision asserts on a malformed IDX header
+        raise DatasetCorrupt(f"{name} in '{raw}' could not be read ({e}); re-download the files "
+                             f"listed in torchvision.datasets.{cls.__name__}") from None
+
+
 @register("emnist")
 def emnist(root: Path) -> Dataset:
-    missing = missing_files("emnist", root)
-    if missing:
-        raise DatasetMissing(
-            f"emnist is not in data_root '{root}': missing {', '.join(missing)}. Obtain it with "
-            f"`python -c \"import torchvision; torchvision.datasets.EMNIST('{root}', split='{EMNIST_SPLIT}', "
-            f"download=True)\"` on a machine with internet access, or unpack the gzip files from {EMNIST_SOURCE} "
-            f"into '{root / 'EMNIST' / 'raw'}'.")
-    try:
-        train, test = (_datasets().EMNIST(str(root), split=EMNIST_SPLIT, train=t) for t in (True, False))
-    except (RuntimeError, ValueError, AssertionError) as e:  # torchvision asserts on a malformed IDX header
-        raise DatasetCorrupt(f"emnist in '{root / 'EMNIST' / 'raw'}' could not be read ({e}); re-download the files "
-                             f"listed in torchvision.datasets.EMNIST") from None
+    emnist_cls = _datasets().EMNIST
+    train, test = _idx_dataset("emnist", emnist_cls, root, EMNIST_SOURCE, lambda: tuple(
+        emnist_cls(str(root), split=EMNIST_SPLIT, train=t) for t in (True, False)), split=EMNIST_SPLIT)
 
     def to_split(ds) -> Split:
         # EMNIST's files store each image transposed; turn it upright, as MNIST
         x = ds.data.transpose(1, 2).unsqueeze(1).float() / 255.0
         return Split(x.contiguous(), ds.targets.to(torch.int64))
 
-    classes = len(_datasets().EMNIST.classes_split_dict[EMNIST_SPLIT])
-    return Dataset("emnist", to_split(train), to_split(test), classes,
+    return Dataset("emnist", to_split(train), to_split(test), len(emnist_cls.classes_split_dict[EMNIST_SPLIT]),
                    f"EMNIST {EMNIST_SPLIT} from {root / 'EMNIST' / 'raw'} (torchvision format), 28x28x1, "
                    f"values in [0, 1]")
+
+
+MNIST_SOURCE = "http://yann.lecun.com/exdb/mnist/"
+
+
+def _mnist_files(root: Path) -> list[Path]:
+    raw = root / "MNIST" / "raw"  # torchvision.datasets.MNIST's layout
+    return [raw / f"{part}-{kind}-ubyte" for part in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+
+
+@register("mnist")
+def mnist(root: Path) -> Dataset:
+    """The full MNIST (60,000 / 10,000), 28x28 grey, values in [0, 1] like the offline MNIST 5k subset."""
+    mnist_cls = _datasets().MNIST
+    train, test = _idx_dataset("mnist", mnist_cls, root, MNIST_SOURCE, lambda: tuple(
+        mnist_cls(str(root), train=t) for t in (True, False)))
+
+    def to_split(ds) -> Split:
+        return Split((ds.data.unsqueeze(1).float() / 255.0).contiguous(), ds.targets.to(torch.int64))
+
+    return Dataset("mnist", to_split(train), to_split(test), 10,
+                   f"MNIST from {root / 'MNIST' / 'raw'} (torchvision format), 28x28x1, values in [0, 1]")
 
 
 def _require(name: str, root: Path, howto: str) -> None:

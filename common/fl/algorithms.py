@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import SuiteError
+from common.fl.communication import state_bytes
 
 if TYPE_CHECKING:
     from common.fl.engine import FederatedRun, RunContext
@@ -172,7 +173,25 @@ class Algorithm:
         for key, sd in optimizers.items():
             getattr(self, key).load_state_dict(sd)
 
+    # --- communication (common/fl/communication.py) ---------------------------------------------------------------
+    def transmitted_keys(self, state: State) -> list[str]:
+        """The state entries that travel between server and clients (all of them in FedAvg)."""
+        return list(state)
+
+    def download_bytes(self, global_state: State, client: int, round_index: int) -> int:
+        """Bytes the client receives at the start of the round: the global model's transmitted entries, dense."""
+        return state_bytes(global_state, self.transmitted_keys(global_state))
+
+    def upload_bytes(self, client_state: State, client: int, round_index: int) -> int:
+        """Bytes the client sends after local training: its model's transmitted entries, dense."""
+        return state_bytes(client_state, self.transmitted_keys(client_state))
+
     # --- client side -------------------------------------------------------------------------------------------
+    def train_client(self, run: "FederatedRun", client: int, round_index: int) -> tuple[float, int]:
+        """The client's local work between receiving the global model and sending its own: the engine's local
+        SGD (`FederatedRun.local_train`). Returns (mean training loss, steps)."""
+        return run.local_train(client, round_index)
+
     def begin_client(self, model: torch.nn.Module, global_state: State, client: int) -> None:
         """Called after the client's model was loaded with the global state, before local training."""
 

@@ -7,6 +7,7 @@ Every random choice (initialisation, client sampling, batch order) is derived fr
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -80,6 +81,21 @@ def evaluate_domains(run: "FederatedRun", model_for_domain) -> dict:
             "domain_accuracy": accs, "domain_loss": losses}
 
 
+def minimise(losses, opt: torch.optim.Optimizer) -> tuple[float, int]:
+    """One optimiser step on each loss of the iterable `losses` (computed lazily, one after another); returns
+    (mean loss, steps), or (the nan/inf sum, steps) as soon as the loss diverges."""
+    total, steps = 0.0, 0
+    for loss in losses:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item()
+        steps += 1
+        if not math.isfinite(total):
+            return total, steps
+    return total / max(steps, 1), steps
+
+
 def clone_state(model: torch.nn.Module) -> State:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -93,6 +109,7 @@ class FederatedRun:
         self.rounds, self.fraction = t["rounds"], t["client_fraction"]
         self.epochs, self.batch_size, self.lr = t["local_epochs"], t["batch_size"], t["lr"]
         self.momentum, self.weight_decay = t.get("momentum", 0.0), t.get("weight_decay", 0.0)
+        self.local_steps = t.get("local_steps")  # None: local_epochs passes over the client's data
         self.lr_decay = t.get("lr_decay", 1.0)  # client lr of round r: lr * lr_decay**r (1: constant)
         self.seed = ctx.spec["seed"]
         dev = ctx.device
@@ -107,30 +124,33 @@ class FederatedRun:
         rng = np.random.default_rng(sub_seed(self.seed, round_index, 0xC11E))
         return sorted(rng.choice(n, size=m, replace=False).tolist())
 
+    def client_batches(self, client: int, epochs: int, generator: torch.Generator):
+        """The client's data in minibatches of `batch_size`: `epochs` passes, each in a fresh permutation drawn from
+        `generator` when the pass begins."""
+        idx = self.ctx.parts[client].to(self.ctx.device)
+        x, y = self.x[idx], self.y[idx]
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=generator).to(self.ctx.device)
+            for i in range(0, len(y), self.batch_size):
+                b = perm[i:i + self.batch_size]
+                yield x[b], y[b]
+
     def local_train(self, client: int, round_index: int) -> tuple[float, int]:
         """Local SGD on one client's data; returns (mean training loss, nan/inf if it diverged; SGD steps)."""
         model, algo = self.ctx.model, self.algo
-        idx = self.ctx.parts[client].to(self.ctx.device)
-        x, y = self.x[idx], self.y[idx]
         gen = torch.Generator().manual_seed(sub_seed(self.seed, round_index, client))
         lr = self.lr if self.lr_decay == 1.0 else self.lr * self.lr_decay ** round_index
         self.ctx.round_lr = lr  # for hooks whose maths depends on it (SCAFFOLD's control update in end_client)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         model.train()
-        total, steps = 0.0, 0
-        for _ in range(self.epochs):
-            perm = torch.randperm(len(y), generator=gen).to(self.ctx.device)
-            for i in range(0, len(y), self.batch_size):
-                b = perm[i:i + self.batch_size]
-                loss = algo.local_loss(model, x[b], y[b])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item()
-                steps += 1
-                if not math.isfinite(total):
-                    return total, steps
-        return total / max(steps, 1), steps
+        # `local_steps` minibatch steps instead of `local_epochs` passes: the first batches of the round's
+        # permutations of the client's data (data-parallel SGD: one step per round)
+        limit = self.local_steps
+        per_epoch = math.ceil(len(self.ctx.parts[client]) / self.batch_size)
+        batches = self.client_batches(client, self.epochs if limit is None else math.ceil(limit / per_epoch), gen)
+        if limit is not None:
+            batches = itertools.islice(batches, limit)
+        return minimise((algo.local_loss(model, x, y) for x, y in batches), opt)
 
     def save_checkpoint(self, path: Path, next_round: int, global_state: State, hist: History) -> None:
         """Everything needed to continue after `next_round - 1`, as plain data (tensors, numbers, strings, lists,
@@ -211,15 +231,18 @@ class FederatedRun:
         for r in bar:
             started = time.perf_counter()
             sampled = self.sample_clients(r)
-            states, weights, losses = [], [], []
+            states, weights, losses, down, up = [], [], [], [], []
             for k in sampled:
                 ctx.model.load_state_dict(global_state)
+                down.append(algo.download_bytes(global_state, k, r))
                 algo.begin_client(ctx.model, global_state, k)
-                loss, steps = self.local_train(k, r)
+                loss, steps = algo.train_client(self, k, r)
                 losses.append(loss)
                 algo.end_client(ctx.model, global_state, k, steps)
                 states.append(clone_state(ctx.model))
+                up.append(algo.upload_bytes(states[-1], k, r))
                 weights.append(len(ctx.parts[k]))
+            train_seconds = time.perf_counter() - started
             train_loss = float(np.mean(losses))
             if not math.isfinite(train_loss):
                 hist.status = "diverged"
@@ -236,7 +259,12 @@ class FederatedRun:
             hist.train_loss.append(train_loss)
             for key, value in metrics.items():
                 hist.log(key, value)
+            # communication of the round, per sampled client (common/fl/communication.py)
+            hist.log("clients", sampled)
+            hist.log("bytes_down", down)
+            hist.log("bytes_up", up)
             hist.log("round_seconds", time.perf_counter() - started)
+            hist.log("train_seconds", train_seconds)  # the clients' local work, one after another
             bar.set_postfix(acc=f"{acc:.3f}")
             if checkpoint is not None:
                 self.save_checkpoint(Path(checkpoint), r + 1, global_state, hist)

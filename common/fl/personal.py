@@ -25,6 +25,10 @@ class LocalEntries(Algorithm):
         self.local_keys = [k for k in ctx.model.state_dict() if self.is_local(ctx.model, k)]
         self.local: dict[int, State] = {}  # client -> its local entries after its last local training
 
+    def transmitted_keys(self, state):
+        """Only the shared entries travel; the local ones never leave the client."""
+        return [k for k in state if k not in self.local_keys]
+
     def client_state(self, global_state: State, client: int) -> State:
         """The client's model: the global state with its own local entries (the global ones before it trained)."""
         return {**global_state, **self.local.get(client, {})}

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from common.fl.algorithms import Algorithm, register_algorithm
+from common.fl.communication import dense_bytes
 
 
 def effective_steps(steps: int, momentum: float) -> float:
@@ -51,6 +52,14 @@ class Scaffold(Algorithm):
         self.c = [torch.zeros_like(p) for p in self.server_params]  # server control variate
         self.c_clients: dict[int, list[torch.Tensor]] = {}  # c_i of every client that has trained; absent = 0
         self.c_deltas: list[list[torch.Tensor]] = []  # c_i+ - c_i of this round's clients
+
+    def download_bytes(self, global_state, client, round_index):
+        """The global model and the server's control variate c."""
+        return super().download_bytes(global_state, client, round_index) + dense_bytes(self.c)
+
+    def upload_bytes(self, client_state, client, round_index):
+        """The client's model and the change of its control variate, c_i+ - c_i."""
+        return super().upload_bytes(client_state, client, round_index) + dense_bytes(self.c)
 
     def client_variate(self, client: int) -> list[torch.Tensor]:
         return self.c_clients.get(client) or [torch.zeros_like(c) for c in self.c]

@@ -11,13 +11,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from common.errors import SuiteError, entry_point
 from common.data import dataset_name
 from common.experiments import (ACCURACY_METRICS, Cell, Ceiling, confirmation_name, is_calibration, load_paper,
                                 scale_config, table_ceilings, table_cells, table_grid, training_spec)
 from common.report.claims import MARKS, PROCEDURE, Verdict, beaten_labels, check_claim
 from common.report.metrics import (CellValue, best_grid_point, cell_value, grid_point_values, paper_value,
-                                   within_tolerance)
+                                   round_bytes, within_tolerance)
 from common.report.plots import accuracy_per_round, curves, grid_heatmaps, sample_grid
 from common.results import git_commit, read_result, run_id, write_json_atomic, write_text_atomic
 
@@ -144,7 +146,8 @@ class ReportBuilder:
                     out.append(CellValue(None, note="not run at this scale"))
                 elif not ids:
                     out.append(CellValue(None, n=len(cell.points), diverged=len(cell.points)))
-                elif self.metric_args(table, cell).get("target", 0.0) is None:
+                elif None in (self.metric_args(table, cell).get("target", 0.0),
+                              self.metric_args(table, cell).get("budget", 0.0)):
                     out.append(CellValue(None, note="no reference value"))
                 else:
                     out.append(cell_value([self.results[r] for r in ids], t["metric"], self.metric_args(table, cell)))
@@ -161,6 +164,12 @@ class ReportBuilder:
             ref = self.cells[table][rows.index(args.pop("reference"))][cell.col]
             value = cell_value([self.results[r] for r in ref.run_ids], "final_accuracy", {}) if ref.specs else None
             args["target"] = value.mean / 100 if value is not None and value.available else None
+        if "budget_of" in args:  # accuracy_at_bytes: the bytes that row's runs sent in all their rounds
+            rows, _ = self.labels(table)
+            ref = self.cells[table][rows.index(args.pop("budget_of"))][cell.col]
+            scale = args.get("scale", 1e-6)
+            args["budget"] = float(np.mean([scale * sum(round_bytes(self.results[r], args.get("direction", "both")))
+                                            for r in ref.run_ids])) if ref.specs else None
         return args
 
     def grids(self, table: str) -> dict | None:
@@ -332,17 +341,31 @@ class ReportBuilder:
                 _md_table([""] + cols, [[r] + [best(c) for c in row] for r, row in zip(rows, self.cells[table])]), ""]
 
     def _targets(self, table: str) -> str:
+        """The accuracy targets, byte budgets and communication-cost model of a table's cells (once when every
+        column has the same, else per column)."""
         t = self.paper["tables"][table]
-        if t["metric"] != "rounds_to_target":
-            return ""
-        pairs = []
+        targets, models = [], []
         for j, col in enumerate(t["columns"]):
             cell = next((row[j] for row in self.cells[table] if row[j].specs), None)
-            target = self.metric_args(table, cell).get("target") if cell else None
+            args = self.metric_args(table, cell) if cell else {}
+            target, budget = args.get("target"), args.get("budget")
             if target is not None:
                 of = f" ({cell.eval['reference']}'s final accuracy)" if "reference" in cell.eval else ""
-                pairs.append(f"{col['label']}: {100 * target:.4g}%{of}")
-        return ", ".join(pairs)
+                targets.append((col["label"], f"{100 * target:.4g}%{of}"))
+            if budget is not None:
+                targets.append((col["label"], f"budget {budget:.4g} MB ({cell.eval['budget_of']}'s bytes)"))
+            if "bandwidth_mbit" in args:
+                models.append((col["label"], f"a {_g(args['bandwidth_mbit'])} Mbit/s link per client with "
+                                             f"{_g(args['latency_ms'])} ms latency each way"))
+
+        def listed(pairs):
+            if len({v for _, v in pairs}) == 1 and len(pairs) == len(t["columns"]):
+                return pairs[0][1]
+            return ", ".join(f"{c}: {v}" for c, v in pairs)
+        out = listed(targets) if targets else ""
+        if models:
+            out += ("; " if out else "") + f"communication-cost model: {listed(models)}, beside the measured compute time"
+        return out
 
     def verdicts(self) -> list[tuple[dict, Verdict, Verdict]]:
         """(claim, verdict on the paper's numbers, verdict on ours) for every claim of the paper."""
@@ -369,7 +392,10 @@ class ReportBuilder:
                  f"{MARKS['not evaluable']} not evaluable at this scale. A claim over several cells holds when every "
                  f"comparison holds and is contradicted when any is. \"≈ within m\" holds only when the whole "
                  f"interval lies within ±m. Procedure: {PROCEDURE}. Evidence: mean difference (positive = the claimed "
-                 "side) [interval], n.")
+                 "side) [interval], n." + (" A ratio claim (a at least f × b) gives the mean per-seed ratio a / b "
+                                           "[interval], n, and holds when the interval lies at or above f."
+                                           if any(c["check"]["kind"] == "ratio_at_least"
+                                                  for c in self.paper["claims"]) else ""))
         return "\n".join(["## Claims", "", intro, "", _md_table(["Claim", "Source", "Paper's numbers", "Ours"], rows)])
 
     def plots_section(self, figures_dir: Path, report_dir: Path) -> str:
@@ -398,7 +424,12 @@ class ReportBuilder:
             if not panels:
                 continue
             path = figures_dir / f"{self.name}_{plot['name']}.png"
-            accuracy_per_round(panels, f"{plot['title']} — {self.scale} scale", path)
+            if plot.get("x") == "bytes":  # accuracy against the cumulative megabytes of all clients, up and down
+                accuracy_per_round(panels, f"{plot['title']} — {self.scale} scale", path,
+                                   lambda r: 1e-6 * np.cumsum(round_bytes(r)),
+                                   "cumulative communication, MB (all clients, up + down; log scale)")
+            else:
+                accuracy_per_round(panels, f"{plot['title']} — {self.scale} scale", path)
             rel = Path(os.path.relpath(path, report_dir))
             out += [f"### {plot['title']}", "", f"![{plot['title']}]({rel.as_posix()})", "",
                     "Mean over seeds; the dashed line is the target accuracy." if t["metric"] == "rounds_to_target"

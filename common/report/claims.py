@@ -180,6 +180,26 @@ def close_in_every_cell(values: Table, table_rows, table_cols, lower_is_better: 
     return _combine(comparisons)
 
 
+def ratio_at_least(values: Table, table_rows, table_cols, lower_is_better: bool, *, pairs, factor,
+                   columns=None) -> Verdict:
+    """For every pair [a, b] and every column: a / b >= factor (e.g. "50x fewer bytes": dense / sparse >= 50; "93% of
+    centralised": method / centralised >= 0.93); per seed the ratio, then its interval minus the factor."""
+    comparisons = []
+    for a, b in pairs:
+        for c in columns or table_cols:
+            if (a, c) not in values or (b, c) not in values:
+                continue
+            va, vb = values[a, c], values[b, c]
+            seeds = _seeds(va, vb)
+            iv = interval([va[s] / vb[s] - factor for s in seeds], _exact(va, vb))
+            if iv is not None:
+                shown = Interval(iv.mean + factor, iv.low + factor, iv.high + factor, iv.n, iv.exact)
+                comparisons.append({**_comparison(f"{a} / {b} at {c} (at least {factor:g})", shown,
+                                                  directional(iv, strict=False)),
+                                    "text": f"{a} / {b} at {c} (at least {factor:g}): {shown.text()}"})
+    return _combine(comparisons)
+
+
 def _per_seed_mean_advantage(values: Table, pairs, columns, lower_is_better: bool) -> dict:
     """seed -> mean advantage of a over b over the pairs [a, b] and columns available for that seed."""
     per_seed: dict = {}
@@ -331,7 +351,7 @@ def less_sensitive_along(values: Table, table_rows, table_cols, lower_is_better:
 KINDS = {"better_in_every_cell": better_in_every_cell, "close_in_every_cell": close_in_every_cell,
          "advantage_grows": advantage_grows, "best_in_row": best_in_row, "worst_in_row": worst_in_row,
          "largest_advantage_at": largest_advantage_at, "best_of_rows_beats": best_of_rows_beats,
-         "less_sensitive_along": less_sensitive_along}
+         "less_sensitive_along": less_sensitive_along, "ratio_at_least": ratio_at_least}
 GRID_KINDS = {"less_sensitive_along"}  # kinds that read every grid point of a cell, not only the cell's best
 
 
@@ -363,6 +383,8 @@ def beaten_labels(check: dict, cols: list[str]) -> set[str]:
     columns of a best/worst-in-row claim. A table's headroom is measured from these."""
     if check["kind"] == "all_of":
         return set().union(*(beaten_labels(sub, cols) for sub in check["checks"]))
+    if check["kind"] in ("close_in_every_cell", "ratio_at_least"):  # "a ≈ b", "a >= f * b": nothing is beaten
+        return set()
     out = {b for _, b in check.get("pairs", [])} | ({check["than"]} if "than" in check else set())
     if check["kind"] == "best_in_row":
         out |= set(cols) - {check["column"]}

@@ -79,9 +79,76 @@ def logged(result: dict, logged: str, minus: str | None = None, reduce: str = "m
     return scale * float(np.sum(values) if reduce == "sum" else np.mean(values)), False
 
 
+def round_bytes(result: dict, direction: str = "both") -> list[float]:
+    """Bytes of each round summed over its clients: uploaded ("up"), downloaded ("down") or both, as the run
+    logged them (common/fl/communication.py)."""
+    metrics = result["metrics"]
+    if "bytes_up" not in metrics:
+        raise ValueError(f"run {result.get('run_id', '?')} logged no bytes (it predates communication accounting)")
+    keys = {"up": ("bytes_up",), "down": ("bytes_down",), "both": ("bytes_up", "bytes_down")}[direction]
+    return [float(sum(sum(metrics[k][r]) for k in keys)) for r in range(len(metrics["round"]))]
+
+
+def bytes_to_target(result: dict, target: float, direction: str = "both", scale: float = 1e-6) -> tuple[float, bool]:
+    """Cumulative bytes (all clients; times `scale`, default MB) until the first round whose test accuracy reaches
+    `target`; (total of all rounds + 1, True) when never reached, as rounds_to_target's budget + 1."""
+    total = 0.0
+    for b, acc in zip(round_bytes(result, direction), result["metrics"]["test_accuracy"]):
+        total += b
+        if acc >= target:
+            return scale * total, False
+    return scale * total + 1, True
+
+
+def bytes_per_round(result: dict, direction: str = "up", scale: float = 1e-6) -> tuple[float, bool]:
+    """Bytes one client sends (or receives) per round, mean over rounds and clients, times `scale` (default MB)."""
+    per_client = [b for r in result["metrics"][f"bytes_{direction}"] for b in r]
+    return scale * float(np.mean(per_client)), False
+
+
+def accuracy_at_bytes(result: dict, budget: float, direction: str = "both", scale: float = 1e-6) -> tuple[float, bool]:
+    """Test accuracy (%) after the last round whose cumulative bytes (times `scale`) stay within `budget`; 0 when
+    even the first round needs more (no model within the budget)."""
+    total, acc = 0.0, None
+    for b, a in zip(round_bytes(result, direction), result["metrics"]["test_accuracy"]):
+        total += b
+        if scale * total > budget * (1 + 1e-9):
+            break
+        acc = a
+    return (0.0 if acc is None else 100.0 * acc), False
+
+
+def communication_seconds(result: dict, bandwidth_mbit: float, latency_ms: float) -> list[float]:
+    """Per round, the modelled time on the wire: each client has its own link of `bandwidth_mbit` Mbit/s and
+    `latency_ms` one-way latency to the server; the round waits for the slowest client's download and upload."""
+    m = result["metrics"]
+    rate = bandwidth_mbit * 1e6 / 8  # bytes per second
+    return [max(2 * latency_ms / 1e3 + (d + u) / rate for d, u in zip(down, up))
+            for down, up in zip(m["bytes_down"], m["bytes_up"])]
+
+
+def time_to_target(result: dict, target: float, bandwidth_mbit: float, latency_ms: float,
+                   compute: bool = True) -> tuple[float, bool]:
+    """Seconds until the first round reaching `target`: per round the modelled communication
+    (`communication_seconds`) plus, with `compute`, the measured compute of one client: the median over rounds of
+    the round's local work divided by its clients (who run in parallel in the modelled system; the median, as
+    other processes on a shared machine slow some rounds). (Total + 1, True) when never reached."""
+    m = result["metrics"]
+    comm = communication_seconds(result, bandwidth_mbit, latency_ms)
+    step = float(np.median([s / len(c) for s, c in zip(m["train_seconds"], m["clients"])])) if compute else 0.0
+    total = 0.0
+    for r, acc in enumerate(m["test_accuracy"]):
+        total += step + comm[r]
+        if acc >= target:
+            return total, False
+    return total + 1, True
+
+
 METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy,
            "domain_accuracy": domain_accuracy, "mean_last_accuracy": mean_last_accuracy, "forgetting": forgetting,
-           "weight_divergence": weight_divergence, "logged": logged}
+           "weight_divergence": weight_divergence, "logged": logged,
+           "bytes_to_target": bytes_to_target, "bytes_per_round": bytes_per_round, "accuracy_at_bytes": accuracy_at_bytes,
+           "time_to_target": time_to_target}
 
 
 @dataclass(frozen=True)
@@ -105,8 +172,8 @@ class CellValue:
             return "diverged" if self.diverged == self.n else f"diverged ({self.diverged}/{self.n} seeds)"
         if not self.available:
             return self.note or "—"
-        if self.censored == self.n:
-            return f"> {self.mean - 1:.0f}"
+        if self.censored == self.n:  # a censored value is the budget + 1 (rounds, bytes, seconds)
+            return f"> {self.mean - 1:.{decimals}f}"
         text = f"{self.mean:.{decimals}f}"
         if self.std is not None:
             text += f"±{self.std:.{decimals}f}"

@@ -12,18 +12,23 @@ import numpy as np  # noqa: E402
 from common.results import write_failed  # noqa: E402
 
 
-def accuracy_per_round(panels, title: str, path: Path) -> None:
-    """panels: [(panel title, [(series label, [result, ...]), ...], target or None)]; one subplot per panel."""
+def accuracy_per_round(panels, title: str, path: Path, x_of=None, x_label: str = "communication round") -> None:
+    """panels: [(panel title, [(series label, [result, ...]), ...], target or None)]; one subplot per panel.
+    `x_of(result)` gives each round's x value (default: the round number; e.g. cumulative megabytes, drawn on a
+    log axis), averaged over seeds."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False, sharey=True)
     for ax, (name, series, target) in zip(axes[0], panels):
         for label, results in series:
             n = min(len(r["metrics"]["test_accuracy"]) for r in results)
             acc = 100 * np.mean([r["metrics"]["test_accuracy"][:n] for r in results], axis=0)
-            ax.plot(np.arange(1, n + 1), acc, label=label, lw=1.6)
+            x = np.arange(1, n + 1) if x_of is None else np.mean([x_of(r)[:n] for r in results], axis=0)
+            ax.plot(x, acc, label=label, lw=1.6, marker="o" if n == 1 else None)
+        if x_of is not None:
+            ax.set_xscale("log")
         if target is not None:
             ax.axhline(100 * target, ls="--", c="grey", lw=1)
         ax.set_title(name)
-        ax.set_xlabel("communication round")
+        ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][-1].legend(loc="lower right", fontsize=8)
