@@ -151,9 +151,13 @@ def test_a_killed_training_process_is_submitted_again_and_resumes(builds, tmp_pa
     def kill(workdir, run):
         pids = subprocess.run(["pgrep", "-f", f"common.train results/specs/{run}.json"], capture_output=True,
                               text=True).stdout.split()
-        for pid in pids:
-            if Path(f"/proc/{pid}/cwd").resolve() == workdir.resolve():
-                os.kill(int(pid), signal.SIGKILL)
-                return True
+        for pid in pids:  # the training process itself, not the shell that started it
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if argv[1:3] == [b"-m", b"common.train"] and Path(f"/proc/{pid}/cwd").resolve() == workdir.resolve():
+                    os.kill(int(pid), signal.SIGKILL)
+                    return True
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # it has just finished
         return False
     interrupt_and_resume(builds, tmp_path, kill)
