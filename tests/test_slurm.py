@@ -132,7 +132,7 @@ def interrupt_and_resume(builds, tmp_path, interrupt) -> None:
     got, want = results(d), results(local)
     # The interrupted run, or (when it finished just before the interrupt) the next one of its group: Snakemake
     # deletes the outputs of every job of a failed group job, so runs that the group had finished start afresh.
-    assert any(r["resumed_at_rounds"] for r in got.values()), f"no run resumed from its checkpoint (interrupted: {hit})"
+    assert any(r["resumed_at_rounds"] for r in got.values()), f"no run resumed from a checkpoint (interrupted: {hit})"
     for rid in want:
         assert strip(got[rid]) == strip(want[rid]), rid
     assert tables(d) == tables(local)
