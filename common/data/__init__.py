@@ -1,6 +1,7 @@
 """Datasets as in-memory tensors, looked up by name.
 
-Every dataset is a `Dataset` with a train and a test `Split` of float tensors (N, C, H, W) and int64 labels.
+Every dataset is a `Dataset` with a train and a test `Split` of float tensors (N, C, H, W) and int64 labels (text
+datasets: int64 token ids (N, L), see `text.py`).
 Offline datasets are built from files that ship with installed packages; real datasets (CIFAR-10/100) are
 read from `data_root` and never downloaded at run time.
 """
@@ -87,7 +88,9 @@ def register(name: str):
 DATASET_NAMES = {"mnist5k": "MNIST 5k", "mnist1d": "mnist1d", "digits5": "digits5 (offline)", "digits28": "sklearn digits",
                  "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "emnist": "EMNIST", "tinyimagenet": "Tiny-ImageNet",
                  "cinic10": "CINIC-10", "digits_five": "Digits-Five", "office_caltech10": "Office-Caltech-10",
-                 "domainnet10": "DomainNet (10 classes)"}
+                 "domainnet10": "DomainNet (10 classes)", "reviews": "templated reviews",
+                 "superglue_boolq": "SuperGLUE BoolQ", "superglue_cb": "SuperGLUE CB", "superglue_rte": "SuperGLUE RTE",
+                 "superglue_wic": "SuperGLUE WiC"}
 
 
 def dataset_name(name: str, train_limit: int | None = None) -> str:
@@ -98,7 +101,7 @@ def dataset_name(name: str, train_limit: int | None = None) -> str:
 def known_loaders() -> dict[str, Callable[..., Dataset]]:
     """Every registered loader. The modules that register them are imported here, lazily, so that importing
     common.data stays cheap."""
-    from common.data import digits5, domains, offline, vision  # noqa: F401
+    from common.data import digits5, domains, offline, text, vision  # noqa: F401
     return LOADERS
 
 
@@ -149,5 +152,6 @@ def train_test_overlap(ds: Dataset) -> int:
 
 def missing_files(name: str, data_root: str | Path) -> list[str]:
     """Files a dataset needs under data_root that are absent (empty for datasets that ship with packages)."""
-    from common.data import domains, vision
-    return vision.missing_files(name, Path(data_root)) + domains.missing_files(name, Path(data_root))
+    from common.data import domains, text, vision
+    return (vision.missing_files(name, Path(data_root)) + domains.missing_files(name, Path(data_root))
+            + text.missing_files(name, Path(data_root)))

@@ -94,6 +94,7 @@ class FederatedRun:
         self.epochs, self.batch_size, self.lr = t["local_epochs"], t["batch_size"], t["lr"]
         self.momentum, self.weight_decay = t.get("momentum", 0.0), t.get("weight_decay", 0.0)
         self.lr_decay = t.get("lr_decay", 1.0)  # client lr of round r: lr * lr_decay**r (1: constant)
+        self.optimizer = t.get("optimizer", "sgd")
         self.seed = ctx.spec["seed"]
         dev = ctx.device
         self.x, self.y = ctx.data.train.x.to(dev), ctx.data.train.y.to(dev)
@@ -107,6 +108,17 @@ class FederatedRun:
         rng = np.random.default_rng(sub_seed(self.seed, round_index, 0xC11E))
         return sorted(rng.choice(n, size=m, replace=False).tolist())
 
+    def make_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The local optimiser, new for every client and round: `training.optimizer` sgd (default; with momentum and
+        weight decay), adamw or adafactor (torch's, e.g. prompt tuning's Adafactor at lr 0.3). Parameters whose
+        requires_grad is off (a frozen pretrained model) get no gradient and are never changed."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+        if self.optimizer == "adafactor":
+            return torch.optim.Adafactor(params, lr=lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
     def local_train(self, client: int, round_index: int) -> tuple[float, int]:
         """Local SGD on one client's data; returns (mean training loss, nan/inf if it diverged; SGD steps)."""
         model, algo = self.ctx.model, self.algo
@@ -115,7 +127,7 @@ class FederatedRun:
         gen = torch.Generator().manual_seed(sub_seed(self.seed, round_index, client))
         lr = self.lr if self.lr_decay == 1.0 else self.lr * self.lr_decay ** round_index
         self.ctx.round_lr = lr  # for hooks whose maths depends on it (SCAFFOLD's control update in end_client)
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        opt = self.make_optimizer(model, lr)
         model.train()
         total, steps = 0.0, 0
         for _ in range(self.epochs):
