@@ -63,7 +63,8 @@ def _lrs(spec: dict) -> str:
 
 
 def _decimals(table: dict) -> int:
-    return 0 if table["metric"] == "rounds_to_target" else 2
+    """Rounds are whole numbers; trainable shares go down to thousandths of a percent (the paper's "< 0.01%")."""
+    return {"rounds_to_target": 0, "trainable_share": 4}.get(table["metric"], 2)
 
 
 class ReportBuilder:
@@ -266,7 +267,7 @@ class ReportBuilder:
         d = _decimals(t)
         ours, theirs = self.ours(table), self.theirs(table)
         out = [f"## {t['title']}", "", f"Source: {t['source']}. Metric: {t['how']}", ""]
-        out += ["**Paper**", "", _md_table([""] + cols, [[r] + [v.display(2 if d else 0) for v in row]
+        out += ["**Paper**", "", _md_table([""] + cols, [[r] + [v.display(d) for v in row]
                                                           for r, row in zip(rows, theirs)]), ""]
         targets = self._targets(table)
         our_rows, our_cols, analogs = self.analogs(table)
