@@ -100,7 +100,8 @@ def scaling(panels, title: str, path: Path, value_label: str) -> None:
         ax.set_facecolor("#eaeaf2")
         ax.grid(color="white", lw=1)
     axes[0][0].set_ylabel(value_label)
-    axes[0][0].legend(fontsize=8, loc="lower right")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}  # every row that has a value somewhere
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
 
