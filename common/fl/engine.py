@@ -155,9 +155,14 @@ class FederatedRun:
         # the history as the plain data it becomes in the results file (numbers, strings, lists, dicts)
         history = json.loads(json.dumps(dataclasses.asdict(hist)))
         try:
+            # the global RNG too: what draws from it during training (dropout in a pretrained encoder) continues
+            # from where the uninterrupted run is
+            rng = {"cpu": torch.get_rng_state()}
+            if self.ctx.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
             torch.save({"format": "paperbench-checkpoint/2", "torch": str(torch.__version__), "run": self.ctx.spec,
                         "next_round": next_round, "global_state": global_state,
-                        "algorithm": self.algo.checkpoint_state(), "history": history}, tmp)
+                        "algorithm": self.algo.checkpoint_state(), "history": history, "rng": rng}, tmp)
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
             tmp.unlink(missing_ok=True)
@@ -193,6 +198,11 @@ class FederatedRun:
             try:
                 hist = History(**ck["history"])
                 self.algo.restore_checkpoint_state(ck["algorithm"])
+                rng = ck.get("rng", {})  # absent in checkpoints of runs whose training draws nothing from it
+                if "cpu" in rng:
+                    torch.set_rng_state(rng["cpu"].cpu())
+                if "cuda" in rng and self.ctx.device.type == "cuda":
+                    torch.cuda.set_rng_state(rng["cuda"].cpu(), self.ctx.device)
                 return ck["next_round"], ck["global_state"], hist
             except Exception as e:
                 reason = f"does not fit this run's algorithm ({type(e).__name__}: {e})"
