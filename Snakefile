@@ -32,6 +32,7 @@ from common.errors import SuiteError
 from common.experiments import confirmations, known_papers, paper_calibrations, paper_runs
 from common.results import run_id
 from common.data import missing_files
+from common.models.text import missing_files as missing_checkpoint_files
 
 SCALE = config["scale"]
 SEEDS = config.get("seeds")

@@ -92,7 +92,7 @@ def execute(spec: dict, model_path: Path, base_result: dict, data_root: str = "d
             if base_result["data"][key] != value:
                 raise SuiteError(f"the data or partition rebuilt for run {base_id} differs from the one it was "
                                  f"trained on ({key} {value} != {base_result['data'][key]})")
-        model = model_factory(base, data, dev)()
+        model = model_factory(base, data, dev, data_root)()
         model.load_state_dict(load_model_file(model_path, base_id))
         x_test, y_test = data.test.x.to(dev), data.test.y.to(dev)
         acc0, loss0 = evaluate(model, x_test, y_test)

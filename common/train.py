@@ -47,11 +47,12 @@ def load_data_and_partition(spec: dict, data_root: str):
     return data, parts
 
 
-def model_factory(spec: dict, data, dev: torch.device):
+def model_factory(spec: dict, data, dev: torch.device, data_root: str = "data"):
     def make_model():
         m = spec["model"]
         return build_model(m["name"], in_channels=data.input_shape[0], num_classes=data.num_classes,
-                           input_size=data.input_shape[-1], **{k: v for k, v in m.items() if k != "name"}).to(dev)
+                           input_size=data.input_shape[-1], data_root=data_root,
+                           **{k: v for k, v in m.items() if k != "name"}).to(dev)
     return make_model
 
 
@@ -79,7 +80,7 @@ def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: i
     algorithm = get_algorithm(spec["method"])
     data, parts = load_data_and_partition(spec, data_root)
     overlap = train_test_overlap(data)
-    make_model = model_factory(spec, data, dev)
+    make_model = model_factory(spec, data, dev, str(data_root))
 
     torch.manual_seed(spec["seed"])
     ctx = RunContext(spec=spec, data=data, parts=parts, model=make_model(), make_model=make_model, device=dev,
@@ -103,6 +104,9 @@ def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: i
             "client_sizes": [len(p) for p in parts],
             "test_samples_in_train": overlap,
         },
+        # counted after the algorithm's set-up, which may freeze part of the model (prompt tuning)
+        "model": {"parameters": sum(p.numel() for p in ctx.model.parameters()),
+                  "trainable_parameters": sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)},
         "resumed_at_rounds": hist.resumed_at,
         "started": started.isoformat(timespec="seconds"),
         "wall_time_s": round(time.perf_counter() - t0, 3),

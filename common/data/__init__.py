@@ -88,7 +88,9 @@ def register(name: str):
 DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST 5k", "mnist1d": "mnist1d", "digits5": "digits5 (offline)", "digits28": "sklearn digits",
                  "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "emnist": "EMNIST", "tinyimagenet": "Tiny-ImageNet",
                  "cinic10": "CINIC-10", "digits_five": "Digits-Five", "office_caltech10": "Office-Caltech-10",
-                 "domainnet10": "DomainNet (10 classes)", "imdb": "IMDB", "trec6": "TREC-6"}
+                 "domainnet10": "DomainNet (10 classes)", "imdb": "IMDB", "trec6": "TREC-6",
+                 "reviews": "templated reviews", "superglue_boolq": "SuperGLUE BoolQ", "superglue_cb": "SuperGLUE CB",
+                 "superglue_rte": "SuperGLUE RTE", "superglue_wic": "SuperGLUE WiC"}
 
 
 def dataset_name(name: str, train_limit: int | None = None) -> str:
@@ -151,5 +153,5 @@ def train_test_overlap(ds: Dataset) -> int:
 def missing_files(name: str, data_root: str | Path) -> list[str]:
     """Files a dataset needs under data_root that are absent (empty for datasets that ship with packages)."""
     from common.data import domains, text, vision
-    return (vision.missing_files(name, Path(data_root)) + domains.missing_files(name, Path(data_root)) +
-            text.missing_files(name, Path(data_root)))
+    return (vision.missing_files(name, Path(data_root)) + domains.missing_files(name, Path(data_root))
+            + text.missing_files(name, Path(data_root)))

@@ -111,6 +111,7 @@ class FederatedRun:
         self.momentum, self.weight_decay = t.get("momentum", 0.0), t.get("weight_decay", 0.0)
         self.local_steps = t.get("local_steps")  # None: local_epochs passes over the client's data
         self.lr_decay = t.get("lr_decay", 1.0)  # client lr of round r: lr * lr_decay**r (1: constant)
+        self.optimizer = t.get("optimizer", "sgd")
         self.seed = ctx.spec["seed"]
         dev = ctx.device
         self.x, self.y = ctx.data.train.x.to(dev), ctx.data.train.y.to(dev)
@@ -135,13 +136,24 @@ class FederatedRun:
                 b = perm[i:i + self.batch_size]
                 yield x[b], y[b]
 
+    def make_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The local optimiser, new for every client and round: `training.optimizer` sgd (default; with momentum and
+        weight decay), adamw or adafactor (torch's, e.g. prompt tuning's Adafactor at lr 0.3). Parameters whose
+        requires_grad is off (a frozen pretrained model) get no gradient and are never changed."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+        if self.optimizer == "adafactor":
+            return torch.optim.Adafactor(params, lr=lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
     def local_train(self, client: int, round_index: int) -> tuple[float, int]:
         """Local SGD on one client's data; returns (mean training loss, nan/inf if it diverged; SGD steps)."""
         model, algo = self.ctx.model, self.algo
         gen = torch.Generator().manual_seed(sub_seed(self.seed, round_index, client))
         lr = self.lr if self.lr_decay == 1.0 else self.lr * self.lr_decay ** round_index
         self.ctx.round_lr = lr  # for hooks whose maths depends on it (SCAFFOLD's control update in end_client)
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        opt = self.make_optimizer(model, lr)
         model.train()
         # `local_steps` minibatch steps instead of `local_epochs` passes: the first batches of the round's
         # permutations of the client's data (data-parallel SGD: one step per round)
@@ -163,9 +175,14 @@ class FederatedRun:
         # the history as the plain data it becomes in the results file (numbers, strings, lists, dicts)
         history = json.loads(json.dumps(dataclasses.asdict(hist)))
         try:
+            # the global RNG too: what draws from it during training (dropout in a pretrained encoder) continues
+            # from where the uninterrupted run is
+            rng = {"cpu": torch.get_rng_state()}
+            if self.ctx.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
             torch.save({"format": "paperbench-checkpoint/2", "torch": str(torch.__version__), "run": self.ctx.spec,
                         "next_round": next_round, "global_state": global_state,
-                        "algorithm": self.algo.checkpoint_state(), "history": history}, tmp)
+                        "algorithm": self.algo.checkpoint_state(), "history": history, "rng": rng}, tmp)
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
             tmp.unlink(missing_ok=True)
@@ -201,6 +218,11 @@ class FederatedRun:
             try:
                 hist = History(**ck["history"])
                 self.algo.restore_checkpoint_state(ck["algorithm"])
+                rng = ck.get("rng", {})  # absent in checkpoints of runs whose training draws nothing from it
+                if "cpu" in rng:
+                    torch.set_rng_state(rng["cpu"].cpu())
+                if "cuda" in rng and self.ctx.device.type == "cuda":
+                    torch.cuda.set_rng_state(rng["cuda"].cpu(), self.ctx.device)
                 return ck["next_round"], ck["global_state"], hist
             except Exception as e:
                 reason = f"does not fit this run's algorithm ({type(e).__name__}: {e})"

@@ -20,7 +20,7 @@ from common.experiments import (ACCURACY_METRICS, Cell, Ceiling, confirmation_na
 from common.report.claims import MARKS, PROCEDURE, Verdict, beaten_labels, check_claim
 from common.report.metrics import (CellValue, best_grid_point, cell_value, grid_point_values, paper_value,
                                    round_bytes, within_tolerance)
-from common.report.plots import accuracy_per_round, curves, grid_heatmaps, sample_grid
+from common.report.plots import accuracy_per_round, curves, grid_heatmaps, sample_grid, sample_texts, scaling
 from common.results import git_commit, read_result, run_id, write_json_atomic, write_text_atomic
 
 SCALE_NOTE = {
@@ -65,7 +65,8 @@ def _lrs(spec: dict) -> str:
 
 
 def _decimals(table: dict) -> int:
-    return 0 if table["metric"] == "rounds_to_target" else 2
+    """Rounds are whole numbers; trainable shares go down to thousandths of a percent (the paper's "< 0.01%")."""
+    return {"rounds_to_target": 0, "trainable_share": 4}.get(table["metric"], 2)
 
 
 class ReportBuilder:
@@ -276,7 +277,7 @@ class ReportBuilder:
         d = _decimals(t)
         ours, theirs = self.ours(table), self.theirs(table)
         out = [f"## {t['title']}", "", f"Source: {t['source']}. Metric: {t['how']}", ""]
-        out += ["**Paper**", "", _md_table([""] + cols, [[r] + [v.display(2 if d else 0) for v in row]
+        out += ["**Paper**", "", _md_table([""] + cols, [[r] + [v.display(d) for v in row]
                                                           for r, row in zip(rows, theirs)]), ""]
         targets = self._targets(table)
         our_rows, our_cols, analogs = self.analogs(table)
@@ -407,6 +408,9 @@ class ReportBuilder:
             if plot.get("kind") == "grid_heatmap":
                 out += self._heatmap_plot(plot, figures_dir, report_dir)
                 continue
+            if plot.get("kind") == "scaling":
+                out += self._scaling_plot(plot, figures_dir, report_dir)
+                continue
             t = self.paper["tables"][plot["table"]]
             rows, cols = self.labels(plot["table"])
             panels = []
@@ -460,6 +464,41 @@ class ReportBuilder:
                 "Mean over seeds" + (", against local epochs (rounds x E), the paper's axis." if by_epochs else "."),
                 ""]
 
+    def _scaling_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
+        """The rows of a table as lines across the listed columns (model sizes, left to right), the paper's values
+        and ours side by side; our tick labels add the size of the model each column ran (parameters counted by
+        the runs)."""
+        table = plot["table"]
+        t = self.paper["tables"][table]
+        rows, cols = self.labels(table)
+        ours, theirs = self.ours(table), self.theirs(table)
+        columns = plot["column"] if isinstance(plot["column"], list) else [plot["column"]]
+        our_ticks = []
+        for col in columns:
+            j = cols.index(col)
+            res = [self.results[r] for row in self.cells[table] for r in row[j].run_ids if r in self.results]
+            sizes = {r["model"]["parameters"] for r in res if "model" in r}
+            our_ticks.append(col + ("\n(not run)" if not res else
+                                    f"\n{max(sizes) / 1e6:.1f}M params" if sizes else ""))
+
+        def series(grid, with_std: bool):
+            return [(label, [grid[rows.index(label)][cols.index(c)].mean
+                             if grid[rows.index(label)][cols.index(c)].available else None for c in columns],
+                     [grid[rows.index(label)][cols.index(c)].std for c in columns] if with_std else None)
+                    for label in plot["rows"]]
+
+        _, our_cols, analogs = self.analogs(table)
+        panels = [("Paper", columns, series(theirs, False)),
+                  (f"Ours ({self.scale} scale)", our_ticks, series(ours, True))]
+        path = figures_dir / f"{self.name}_{plot['name']}.png"
+        label = {"final_accuracy": "test accuracy (%)"}.get(t["metric"], t["metric"].replace("_", " "))
+        scaling(panels, f"{plot['title']} — {self.scale} scale", path, label)
+        rel = Path(os.path.relpath(path, report_dir))
+        return [f"### {plot['title']}", "", f"![{plot['title']}]({rel.as_posix()})", "",
+                "Left: the paper's values; right: ours, mean over seeds with a band of ± one standard deviation, "
+                "each column labelled with the size of the model it ran. A row without a value in a column was not "
+                "run there (or the paper gives none).", ""]
+
     def _heatmap_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
         """A table with a grid of at most two axes: a heat map per cell, a figure row per column of the table."""
         table = plot["table"]
@@ -504,6 +543,8 @@ class ReportBuilder:
             return ""
         from common.data import load_dataset
         ds = load_dataset(self.sc["base"]["dataset"]["name"], self.data_root)
+        if "texts" in ds.extra:
+            return self._text_samples(spec, ds, figures_dir, report_dir)
         test = ds.test
         names = ds.domains or ("",)
         domain = test.domain if test.domain is not None else test.y.new_zeros(len(test))
@@ -520,6 +561,19 @@ class ReportBuilder:
         rel = Path(os.path.relpath(path, report_dir))
         return "\n".join([f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
                           f"The first test image of each class. Dataset: {ds.description}.", ""])
+
+    def _text_samples(self, spec: dict, ds, figures_dir: Path, report_dir: Path, per_class: int = 4) -> str:
+        """The first test sentences of each class of a text dataset, as a table and a figure."""
+        names = ds.extra.get("label_words") or [str(c) for c in range(ds.num_classes)]
+        texts, y = ds.extra["texts"]["test"], ds.test.y.tolist()
+        rows = [(names[c], text) for c in range(ds.num_classes)
+                for text in [t for t, label in zip(texts, y) if label == c][:per_class]]
+        path = figures_dir / f"{self.name}_{spec['name']}.png"
+        sample_texts(rows, f"{spec['title']} — {self.scale} scale", path)
+        rel = Path(os.path.relpath(path, report_dir))
+        return "\n".join([f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
+                          f"The first {per_class} test sentences of each class. Dataset: {ds.description}.", "",
+                          _md_table(["class", "text"], [[c, t] for c, t in rows]), ""])
 
     def scale_section(self) -> str:
         out = ["## How this scale differs from the paper's setting", ""]

@@ -67,8 +67,8 @@ def weight_divergence(result: dict, last_rounds: int | None = None) -> tuple[flo
 
 def logged(result: dict, logged: str, minus: str | None = None, reduce: str = "mean", scale: float = 1.0) -> tuple[float, bool]:
     """A per-round diagnostic a method logged (e.g. FedDF's `distill_changed`), or the difference of two
-    (`logged` - `minus`), reduced over all rounds by its mean or sum, times `scale`; rounds without a value are
-    left out."""
+    (`logged` - `minus`), reduced over all rounds by its mean or sum (or its value after the last round: `last`),
+    times `scale`; rounds without a value are left out."""
     per_round = result["metrics"].get(logged)
     if per_round is None:
         raise ValueError(f"run {result.get('run_id', '?')} logged no '{logged}'; its method does not compute it")
@@ -76,6 +76,8 @@ def logged(result: dict, logged: str, minus: str | None = None, reduce: str = "m
     values = [a - b for a, b in zip(per_round, other) if a is not None and b is not None]
     if not values:
         return math.nan, False
+    if reduce == "last":
+        return scale * float(values[-1]), False
     return scale * float(np.sum(values) if reduce == "sum" else np.mean(values)), False
 
 
@@ -142,13 +144,18 @@ def time_to_target(result: dict, target: float, bandwidth_mbit: float, latency_m
         if acc >= target:
             return total, False
     return total + 1, True
+def trainable_share(result: dict) -> tuple[float, bool]:
+    """Parameters the run trained, in % of its model's parameters (counted from the model after the method froze
+    what it does not train; the paper's "task parameters")."""
+    m = result["model"]
+    return 100.0 * m["trainable_parameters"] / m["parameters"], False
 
 
 METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy,
            "domain_accuracy": domain_accuracy, "mean_last_accuracy": mean_last_accuracy, "forgetting": forgetting,
            "weight_divergence": weight_divergence, "logged": logged,
            "bytes_to_target": bytes_to_target, "bytes_per_round": bytes_per_round, "accuracy_at_bytes": accuracy_at_bytes,
-           "time_to_target": time_to_target}
+           "time_to_target": time_to_target, "trainable_share": trainable_share}
 
 
 @dataclass(frozen=True)

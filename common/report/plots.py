@@ -81,6 +81,50 @@ def sample_grid(images, row_labels: list[str], col_labels: list[str], title: str
     _save(fig, path)
 
 
+MARKERS = ("o", "X", "s", "D", "^", "v")
+
+
+def scaling(panels, title: str, path: Path, value_label: str) -> None:
+    """A table's rows as lines across its columns (model sizes, in the paper's Figure 1 style), one panel per
+    source: panels = [(panel title, tick labels, [(row label, means (None: not run), stds or None), ...]), ...];
+    a band of ± one standard deviation where there are seeds."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (name, ticks, series) in zip(axes[0], panels):
+        for k, (label, means, stds) in enumerate(series):
+            xs = [i for i, m in enumerate(means) if m is not None]
+            if not xs:
+                continue
+            y = np.array([means[i] for i in xs])
+            ax.plot(xs, y, marker=MARKERS[k % len(MARKERS)], ms=7, lw=2, color=f"C{k}", label=label)
+            if stds is not None and any(stds[i] is not None for i in xs):
+                sd = np.array([stds[i] or 0.0 for i in xs])
+                ax.fill_between(xs, y - sd, y + sd, color=f"C{k}", alpha=0.2, lw=0)
+        ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
+        ax.set_xlim(-0.4, len(ticks) - 0.6)
+        ax.set_title(name, fontsize=9)
+        ax.set_facecolor("#eaeaf2")
+        ax.grid(color="white", lw=1)
+    axes[0][0].set_ylabel(value_label)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}  # every row that has a value somewhere
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def sample_texts(rows: list[tuple[str, str]], title: str, path: Path) -> None:
+    """Example texts of a text dataset, one line each with its class: rows = [(class name, text), ...]."""
+    fig, ax = plt.subplots(figsize=(9.5, 0.32 * len(rows) + 0.8))
+    ax.axis("off")
+    classes = list(dict.fromkeys(c for c, _ in rows))
+    for i, (label, text) in enumerate(rows):
+        y = 1 - (i + 0.5) / len(rows)
+        ax.text(0.0, y, label, color=f"C{classes.index(label)}", fontsize=9, weight="bold", va="center",
+                transform=ax.transAxes)
+        ax.text(0.14, y, text, fontsize=9, va="center", family="monospace", transform=ax.transAxes)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
 def grid_heatmaps(panels, row_titles: list[str], col_titles: list[str], title: str, path: Path,
                   value_label: str, lower_is_better: bool = False) -> None:
     """Heat maps of a table whose cells are grids: panels[i][j] (or None) is the grid of row i, column j, a dict

@@ -7,7 +7,8 @@ def report_runs(wc):
     runs = runs_of(wc.paper)
     if SCALE == "paper":
         missing = sorted({m for spec in runs.values()
-                          for m in missing_files(spec["dataset"]["name"], config["data_root"])})
+                          for m in missing_files(spec["dataset"]["name"], config["data_root"])
+                          + missing_checkpoint_files(spec["model"], config["data_root"])})
         if missing:
             raise WorkflowError(f"paper scale needs dataset files that are not in data_root "
                                 f"'{config['data_root']}':\n  " + "\n  ".join(missing) +

@@ -1,5 +1,6 @@
 """Model zoo shared by all papers. Every model splits into `features` (penultimate representation) and `head`
-(the linear classifier), which representation-level methods (MOON, CCVR, FedDF's fusion) rely on."""
+(the linear classifier), which representation-level methods (MOON, CCVR, FedDF's fusion) rely on. The image
+models live here; pretrained text encoders in `text.py`. `build_model` is the one entry point for every kind."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -188,6 +189,11 @@ def mlp(in_channels: int, num_classes: int, norm: str = "none", hidden: tuple[in
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
     return Classifier(nn.Sequential(*layers), width, num_classes)
+def pretrained_encoder(**params) -> Classifier:
+    """A pretrained text encoder with a linear head (`common/models/text.py`; imported here only when used, as it
+    imports `transformers`)."""
+    from common.models import text
+    return text.pretrained_encoder(**params)
 
 
 MODELS = {
@@ -200,15 +206,20 @@ MODELS = {
     "alexnet_bn": alexnet_bn,
     "fedavg_cnn": fedavg_cnn,
     "mlp": mlp,
+    "pretrained_encoder": pretrained_encoder,
 }
 
 
-def build_model(name: str, in_channels: int, num_classes: int, input_size: int, **params) -> Classifier:
-    """`projection: <dim>` adds MOON's projection head (see `with_projection`) to any model."""
+def build_model(name: str, in_channels: int, num_classes: int, input_size: int, data_root: str = "data",
+                **params) -> Classifier:
+    """`projection: <dim>` adds MOON's projection head (see `with_projection`) to any model; `data_root` is where
+    pretrained checkpoints that do not ship with a package are read from."""
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
     if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp"):
         params = {"input_size": input_size, **params}
+    if name == "pretrained_encoder":
+        params = {"data_root": data_root, **params}
     for key in ("channels", "hidden"):
         if key in params:
             params[key] = tuple(params[key])
