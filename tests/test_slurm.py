@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = "feddf"
-VOLATILE = {"started", "wall_time_s", "round_seconds", "provenance", "resumed_at_rounds"}
+VOLATILE = {"started", "wall_time_s", "round_seconds", "train_seconds", "provenance", "resumed_at_rounds"}
 
 
 def strip(obj):
