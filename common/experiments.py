@@ -38,7 +38,7 @@ from common.results import run_id
 REPO = Path(__file__).resolve().parent.parent
 PAPERS_DIR = REPO / "papers"
 SCHEMA_DIR = REPO / "config"
-EVAL_KEYS = ("target", "reference", "domain", "last_rounds", "logged", "minus", "reduce", "scale", "direction",
+EVAL_KEYS = ("target", "reference", "domain", "structure", "last_rounds", "logged", "minus", "reduce", "scale", "direction",
              "budget_of", "bandwidth_mbit", "latency_ms", "compute")  # cell keys that parameterise the metric, not the run
 
 
@@ -272,7 +272,7 @@ def table_cells(paper: dict, table: str, scale: str, seeds=None, use_grid: bool 
 
 
 # Tables whose cells are accuracies (or rounds to an accuracy target) get a centralised ceiling per dataset analog.
-ACCURACY_METRICS = ("final_accuracy", "best_accuracy", "mean_last_accuracy", "domain_accuracy")
+ACCURACY_METRICS = ("final_accuracy", "best_accuracy", "mean_last_accuracy", "domain_accuracy", "site_dice")
 CEILING_METRICS = (*ACCURACY_METRICS, "rounds_to_target")
 
 
@@ -291,7 +291,8 @@ class Ceiling(RunsAndMetric):
 def centralised_spec(specs: list[dict]) -> dict:
     """Centralised training with the data, model and schedule of the longest of `specs` (most rounds x local
     epochs; the first of equals): one client holding every training sample the partition uses (a per-domain share
-    stays a share), trained for the same rounds and local epochs. A schedule of local steps (data-parallel SGD)
+    stays a share; a held-out domain's training split is added: the ceiling of leave-one-domain-out), trained for
+    the same rounds and local epochs. A schedule of local steps (data-parallel SGD)
     keeps its steps, each on a batch as large as the round's clients' batches together."""
     spec = copy.deepcopy(max(specs, key=lambda s: s["training"]["rounds"] * s["training"]["local_epochs"]))
     spec["method"] = {"name": "centralised"}
@@ -301,6 +302,11 @@ def centralised_spec(specs: list[dict]) -> dict:
         t["batch_size"] *= clients
     if spec["partition"]["scheme"] != "domain":
         spec["partition"] = {"scheme": "iid", "clients": 1}
+    elif "hold_out" in spec["partition"]:
+        # leave-one-domain-out (FedDG): the ceiling of generalisation to the held-out domain is the model that
+        # also trained on that domain's training split (the pooled data of every domain)
+        spec["partition"] = {**spec["partition"], "clients": spec["partition"]["clients"] + 1}
+        del spec["partition"]["hold_out"]
     spec["training"]["client_fraction"] = 1.0
     return spec
 
@@ -320,7 +326,7 @@ def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceil
                 continue
             specs = [training_spec(s) for s in cell.specs]
             part = specs[0]["partition"]
-            eval_args = tuple((k, v) for k, v in cell.eval_args if k in ("domain", "last_rounds")) \
+            eval_args = tuple((k, v) for k, v in cell.eval_args if k in ("domain", "structure", "last_rounds")) \
                 if t["metric"] in ACCURACY_METRICS else ()
             key = json.dumps([specs[0]["dataset"], part if part["scheme"] == "domain" else None, eval_args],
                              sort_keys=True)

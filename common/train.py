@@ -43,7 +43,8 @@ def load_data_and_partition(spec: dict, data_root: str):
     ds_spec = spec["dataset"]
     data = load_dataset(ds_spec["name"], data_root, ds_spec.get("train_limit"), ds_spec.get("test_limit"))
     part = dict(spec["partition"])
-    parts = partition(data.train.y, part.pop("scheme"), seed=spec["seed"], domains=data.train.domain, **part)
+    parts = partition(data.train.y, part.pop("scheme"), seed=spec["seed"], domains=data.train.domain,
+                      domain_names=data.domains, **part)
     return data, parts
 
 

@@ -85,7 +85,8 @@ def register(name: str):
 
 
 # How reports name each loader's data, so an analog is never mistaken for the paper's dataset.
-DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST 5k", "mnist1d": "mnist1d", "digits5": "digits5 (offline)", "digits28": "sklearn digits",
+DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST 5k", "mnist1d": "mnist1d", "digits5": "digits5 (offline)", "fundus4": "fundus4 (generated)", "fundus": "Fundus",
+                 "prostate": "Prostate MRI", "digits28": "sklearn digits",
                  "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "emnist": "EMNIST", "tinyimagenet": "Tiny-ImageNet",
                  "cinic10": "CINIC-10", "digits_five": "Digits-Five", "office_caltech10": "Office-Caltech-10",
                  "domainnet10": "DomainNet (10 classes)", "imdb": "IMDB", "trec6": "TREC-6",
@@ -101,7 +102,7 @@ def dataset_name(name: str, train_limit: int | None = None) -> str:
 def known_loaders() -> dict[str, Callable[..., Dataset]]:
     """Every registered loader. The modules that register them are imported here, lazily, so that importing
     common.data stays cheap."""
-    from common.data import digits5, domains, offline, text, vision  # noqa: F401
+    from common.data import digits5, domains, fundus_synth, medical, offline, text, vision  # noqa: F401
     return LOADERS
 
 
@@ -123,7 +124,8 @@ def _balanced_prefix(split: Split, limit: int | None) -> Split:
     several), so small slices stay balanced."""
     if not limit or limit >= len(split):
         return split
-    group = split.y if split.domain is None else split.domain * (int(split.y.max()) + 1) + split.y
+    y = split.y if split.y.dim() == 1 else torch.zeros(len(split), dtype=torch.int64)  # masks: one class
+    group = y if split.domain is None else split.domain * (int(y.max()) + 1) + y
     rank = torch.empty_like(group)
     for g in group.unique():
         idx = (group == g).nonzero().flatten()
@@ -152,6 +154,6 @@ def train_test_overlap(ds: Dataset) -> int:
 
 def missing_files(name: str, data_root: str | Path) -> list[str]:
     """Files a dataset needs under data_root that are absent (empty for datasets that ship with packages)."""
-    from common.data import domains, text, vision
+    from common.data import domains, medical, text, vision
     return (vision.missing_files(name, Path(data_root)) + domains.missing_files(name, Path(data_root))
-            + text.missing_files(name, Path(data_root)))
+            + text.missing_files(name, Path(data_root)) + medical.missing_files(name, Path(data_root)))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from common.errors import SuiteError
 from common.fl.communication import state_bytes
+from common.segmentation import is_mask_target, segmentation_loss
 
 if TYPE_CHECKING:
     from common.fl.engine import FederatedRun, RunContext
@@ -85,6 +86,14 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
         else:
             out[key] = ref.clone()
     return out
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The supervised loss of the model's output: cross-entropy for class labels (N,), the segmentation loss
+    (soft Dice, common/segmentation.py) for masks (N, S, H, W)."""
+    if is_mask_target(y):
+        return segmentation_loss(out, y)
+    return F.cross_entropy(out, y)
 
 
 @register_algorithm("fedavg")
@@ -196,7 +205,7 @@ class Algorithm:
         """Called after the client's model was loaded with the global state, before local training."""
 
     def local_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x), y)
+        return task_loss(model(x), y)
 
     def end_client(self, model: torch.nn.Module, global_state: State, client: int, steps: int) -> None:
         """Called after local training (`steps` SGD steps), before the client's state is collected; the learning

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from common.data import Dataset
 from common.fl.algorithms import Algorithm, State
+from common.segmentation import evaluate_segmentation, is_mask_target
 
 
 @dataclass
@@ -58,7 +59,11 @@ def sub_seed(*keys: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of `model` in eval mode."""
+    """(accuracy, mean cross-entropy) of `model` in eval mode; for segmentation masks (N, S, H, W) (mean Dice over
+    structures, Dice loss), see common/segmentation.py."""
+    if is_mask_target(y):
+        m = evaluate_segmentation(model, x, y, tuple(range(y.shape[1])))
+        return float(np.mean(list(m["dice"].values()))), m["loss"]
     model.eval()
     correct, loss = 0, 0.0
     for i in range(0, len(y), batch_size):
@@ -73,12 +78,31 @@ def evaluate_domains(run: "FederatedRun", model_for_domain) -> dict:
     (the global model, or the own model of the client holding d). test_accuracy and test_loss are the means over
     domains (each domain counts once, whatever its test size); domain_accuracy and domain_loss map each domain's
     name to its value."""
+    structures = run.ctx.data.extra.get("structures")
+    if structures:
+        return evaluate_segmentation_domains(run, model_for_domain, tuple(structures))
     accs, losses = {}, {}
     for d, name in enumerate(run.ctx.data.domains):
         mask = run.test_domain == d
         accs[name], losses[name] = evaluate(model_for_domain(d), run.x_test[mask], run.y_test[mask])
     return {"test_accuracy": float(np.mean(list(accs.values()))), "test_loss": float(np.mean(list(losses.values()))),
             "domain_accuracy": accs, "domain_loss": losses}
+
+
+def evaluate_segmentation_domains(run: "FederatedRun", model_for_domain, structures: tuple[str, ...]) -> dict:
+    """Per-site evaluation of a multi-site segmentation dataset: Dice and HD95 per structure on each site's test
+    images (domain_dice, domain_hd95: site -> structure -> value). test_accuracy is the mean Dice over sites and
+    structures, test_loss the mean Dice loss over sites. In a leave-one-site-out run the held-out site is
+    evaluated like the others (tables read its entry)."""
+    dice, hd, undefined, losses = {}, {}, {}, []
+    for d, name in enumerate(run.ctx.data.domains):
+        mask = run.test_domain == d
+        m = evaluate_segmentation(model_for_domain(d), run.x_test[mask], run.y_test[mask], structures)
+        dice[name], hd[name], undefined[name] = m["dice"], m["hd95"], m["hd95_undefined"]
+        losses.append(m["loss"])
+    return {"test_accuracy": float(np.mean([v for site in dice.values() for v in site.values()])),
+            "test_loss": float(np.mean(losses)), "domain_dice": dice, "domain_hd95": hd,
+            "domain_hd95_undefined": undefined}
 
 
 def minimise(losses, opt: torch.optim.Optimizer) -> tuple[float, int]:
@@ -138,9 +162,11 @@ class FederatedRun:
 
     def make_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         """The local optimiser, new for every client and round: `training.optimizer` sgd (default; with momentum and
-        weight decay), adamw or adafactor (torch's, e.g. prompt tuning's Adafactor at lr 0.3). Parameters whose
+        weight decay), adam, adamw or adafactor (torch's, e.g. prompt tuning's Adafactor at lr 0.3). Parameters whose
         requires_grad is off (a frozen pretrained model) get no gradient and are never changed."""
         params = [p for p in model.parameters() if p.requires_grad]
+        if self.optimizer == "adam":  # FedDG's local optimiser (Adam, betas 0.9/0.999)
+            return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
         if self.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
         if self.optimizer == "adafactor":

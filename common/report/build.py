@@ -212,7 +212,8 @@ class ReportBuilder:
         out = []
         for ceiling, value in self.ceilings(table):
             analog = dataset_name(ceiling.dataset, ceiling.train_limit) + \
-                (f", domain {ceiling.eval['domain']}" if "domain" in ceiling.eval else "")
+                (f", domain {ceiling.eval['domain']}" if "domain" in ceiling.eval else "") + \
+                (f", {ceiling.eval['structure']}" if "structure" in ceiling.eval else "")
             entry = {"analog": analog, "ceiling": value, "cells": len(ceiling.cells), "baseline": None, "of": None,
                      "room": None, "rounds": ceiling.specs[0]["training"]["rounds"],
                      "local_epochs": ceiling.specs[0]["training"]["local_epochs"]}
@@ -317,7 +318,8 @@ class ReportBuilder:
             lines.append([e["analog"], f"{e['rounds']} × {e['local_epochs']}", e["ceiling"].display(d), base, room])
         what = "target accuracy (%)" if rounds else "best baseline a claim says is beaten"
         return [f"**Ceiling ({self.scale} scale)** — the same model trained centrally on the pooled training data of "
-                f"all clients for the rounds × local epochs of the longest cell, accuracy in %; the room is the ceiling minus "
+                f"all clients (in a leave-one-site-out table: of every site, the held-out one's training split included) "
+                f"for the rounds × local epochs of the longest cell, in the table's metric (%); the room is the ceiling minus "
                 f"the {'target' if rounds else 'best such baseline'}. A room under 3 points leaves no space for the "
                 f"claimed effect. The paper reports no centralised number for this table.", "",
                 _md_table(["dataset analog", "rounds × epochs", "ceiling", what, "room (points)"], lines), ""]
@@ -545,6 +547,8 @@ class ReportBuilder:
         ds = load_dataset(self.sc["base"]["dataset"]["name"], self.data_root)
         if "texts" in ds.extra:
             return self._text_samples(spec, ds, figures_dir, report_dir)
+        if "structures" in ds.extra:
+            return self._segmentation_samples(spec, ds, figures_dir, report_dir)
         test = ds.test
         names = ds.domains or ("",)
         domain = test.domain if test.domain is not None else test.y.new_zeros(len(test))
@@ -561,6 +565,23 @@ class ReportBuilder:
         rel = Path(os.path.relpath(path, report_dir))
         return "\n".join([f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
                           f"The first test image of each class. Dataset: {ds.description}.", ""])
+
+    def _segmentation_samples(self, spec: dict, ds, figures_dir: Path, report_dir: Path, per_site: int = 6) -> str:
+        """The first test images of each site of a segmentation dataset, each structure outlined."""
+        test, names = ds.test, ds.domains
+        grid, masks = [], []
+        for d in range(len(names)):
+            idx = (test.domain == d).nonzero().flatten()[:per_site]
+            grid.append([test.x[i] for i in idx])
+            masks.append([test.y[i] for i in idx])
+        path = figures_dir / f"{self.name}_{spec['name']}.png"
+        sample_grid(grid, [f"site {n}" for n in names], [str(i + 1) for i in range(per_site)],
+                    f"{spec['title']} — {self.scale} scale", path, masks=masks)
+        rel = Path(os.path.relpath(path, report_dir))
+        outline = ", ".join(f"{s} ({c})" for s, c in zip(ds.extra["structures"], ("cyan", "yellow", "lime", "magenta")))
+        return "\n".join([f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
+                          f"The first {per_site} test images of each site, outlines: {outline}. Dataset: "
+                          f"{ds.description}.", *([spec["caption"].strip()] if spec.get("caption") else []), ""])
 
     def _text_samples(self, spec: dict, ds, figures_dir: Path, report_dir: Path, per_class: int = 4) -> str:
         """The first test sentences of each class of a text dataset, as a table and a figure."""

@@ -38,6 +38,30 @@ def domain_accuracy(result: dict, domain: str) -> tuple[float, bool]:
     return 100.0 * last[domain], False
 
 
+def _site_value(result: dict, key: str, domain: str, structure: str) -> float | None:
+    per_round = result["metrics"].get(key)
+    if not per_round:
+        raise ValueError(f"run {result.get('run_id', '?')} logged no '{key}'; its dataset is not a multi-site "
+                         f"segmentation dataset")
+    last = per_round[-1]
+    if domain not in last or structure not in last[domain]:
+        raise ValueError(f"run {result.get('run_id', '?')} has no site '{domain}' / structure '{structure}'")
+    return last[domain][structure]
+
+
+def site_dice(result: dict, domain: str, structure: str) -> tuple[float, bool]:
+    """Dice (%) of one structure on one site's test images after the last round (common/segmentation.py): the
+    unseen site's in a leave-one-site-out run."""
+    return 100.0 * _site_value(result, "domain_dice", domain, structure), False
+
+
+def site_hd95(result: dict, domain: str, structure: str) -> tuple[float, bool]:
+    """95% Hausdorff distance (pixels) of one structure on one site's test images after the last round, mean over
+    the images where it is defined (both masks non-empty); NaN when it is defined on none."""
+    value = _site_value(result, "domain_hd95", domain, structure)
+    return (math.nan if value is None else float(value)), False
+
+
 def mean_last_accuracy(result: dict, last_rounds: int) -> tuple[float, bool]:
     """Mean test accuracy (%) over the last `last_rounds` rounds (all rounds when the run has fewer): less noisy
     than the last round alone, the measure of Reddi et al.'s Table 1."""
@@ -152,7 +176,8 @@ def trainable_share(result: dict) -> tuple[float, bool]:
 
 
 METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy,
-           "domain_accuracy": domain_accuracy, "mean_last_accuracy": mean_last_accuracy, "forgetting": forgetting,
+           "domain_accuracy": domain_accuracy, "site_dice": site_dice, "site_hd95": site_hd95,
+           "mean_last_accuracy": mean_last_accuracy, "forgetting": forgetting,
            "weight_divergence": weight_divergence, "logged": logged,
            "bytes_to_target": bytes_to_target, "bytes_per_round": bytes_per_round, "accuracy_at_bytes": accuracy_at_bytes,
            "time_to_target": time_to_target, "trainable_share": trainable_share}

@@ -62,8 +62,9 @@ def curves(metrics: list[str], series, title: str, path: Path, x_label: str) -> 
     _save(fig, path)
 
 
-def sample_grid(images, row_labels: list[str], col_labels: list[str], title: str, path: Path) -> None:
-    """images[i][j]: a (C, H, W) tensor in [0, 1] (or None for an empty cell); one row per domain."""
+def sample_grid(images, row_labels: list[str], col_labels: list[str], title: str, path: Path, masks=None) -> None:
+    """images[i][j]: a (C, H, W) tensor in [0, 1] (or None for an empty cell); one row per domain. With `masks`
+    (masks[i][j]: (S, H, W) 0/1 tensor), each structure's outline is drawn over its image."""
     n_rows, n_cols = len(row_labels), len(col_labels)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(0.9 * n_cols + 1.2, 0.9 * n_rows + 0.5), squeeze=False)
     for i, row in enumerate(images):
@@ -74,6 +75,10 @@ def sample_grid(images, row_labels: list[str], col_labels: list[str], title: str
             if img is not None:
                 arr = img.permute(1, 2, 0).numpy()
                 ax.imshow(arr[..., 0] if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=1)
+                if masks is not None and masks[i][j] is not None:
+                    for s, colour in zip(masks[i][j], ("cyan", "yellow", "lime", "magenta")):
+                        if s.any():
+                            ax.contour(s.numpy(), levels=[0.5], colors=colour, linewidths=0.6)
             if i == 0:
                 ax.set_title(col_labels[j], fontsize=8)
         axes[i][0].set_ylabel(row_labels[i], fontsize=8, rotation=0, ha="right", va="center")
