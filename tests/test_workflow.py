@@ -171,6 +171,8 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
     ("ccvr", ["cifar-10-batches-py/data_batch_1", "cinic-10/train/airplane/", "cinic-10/test/truck/"]),
     ("graddrop", ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"]),
     ("dosfl", ["MNIST/raw/train-images-idx3-ubyte"]),
+    ("feddg", ["Fundus/client1/data_npy/*.npy", "Fundus/client4/data_npy/*.npy", "Prostate/ISBI_1.5/*.npy",
+               "Prostate/HK/*.npy"]),
     ("prompt_tuning", ["super_glue/BoolQ/train.jsonl", "t5-v1_1-lm-adapt/small/config.json",
                        "t5-v1_1-lm-adapt/xxl/config.json"]),
 ])
