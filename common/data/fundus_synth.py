@@ -8,9 +8,9 @@ Every image is an RGB 32x32 "retinal photograph" with one optic disc and the opt
   from the border, random orientation) brighter and yellower than the retina, with soft edges; the cup a nested
   ellipse (0.4-0.7 of the disc's axes, slightly offset) brighter still; 3-5 dark vessels (sinusoidal curves)
   through the disc, which partly cover it; pixel noise.
-- appearance, per site (the kind of shift FedDG targets, mostly LOW-FREQUENCY): a colour cast (per-channel gain
-  and offset), a contrast change around the image mean, a gamma, a linear illumination gradient (strength and
-  direction) and a Gaussian blur; each image draws its site's parameters with a small jitter. Shapes, sizes and
+- appearance, per site (the kind of shift FedDG targets, mostly LOW-FREQUENCY): a strong colour cast (per-channel
+  gain and offset) and a linear illumination gradient (strength and direction), milder contrast (0.8-1.15) and
+  gamma (0.85-1.15) changes and a slight Gaussian blur; each image draws its site's parameters with a small jitter. Shapes, sizes and
   positions of the structures do not depend on the site, so what separates sites is appearance, not anatomy: a
   model trained on three sites meets a new colour/illumination/contrast at the fourth (leave-one-site-out).
 
@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from common.data import Dataset, Split, cached, register
 
-RECIPE = "fundus4-v3"
+RECIPE = "fundus4-v4"
 SEED = 20210306
 SIZE = 32
 TRAIN_PER_SITE, TEST_PER_SITE = 48, 24
@@ -34,9 +34,9 @@ STRUCTURES = ("disc", "cup")
 # per site: channel gain, channel offset, contrast, gamma, illumination gradient (strength, angle in degrees), blur
 STYLES = {
     "A": dict(gain=(1.00, 1.00, 1.00), offset=(0.00, 0.00, 0.00), contrast=1.0, gamma=1.0, grad=(0.15, 0), blur=0.0),
-    "B": dict(gain=(0.50, 0.80, 1.00), offset=(0.00, 0.05, 0.12), contrast=0.6, gamma=1.6, grad=(0.60, 120), blur=0.8),
-    "C": dict(gain=(1.30, 0.80, 0.50), offset=(0.05, 0.00, 0.00), contrast=1.4, gamma=0.6, grad=(0.80, 250), blur=0.0),
-    "D": dict(gain=(0.80, 1.10, 1.20), offset=(0.20, 0.20, 0.20), contrast=0.5, gamma=1.0, grad=(0.40, 60), blur=1.5),
+    "B": dict(gain=(0.45, 0.80, 1.10), offset=(0.00, 0.05, 0.15), contrast=0.85, gamma=1.15, grad=(0.60, 120), blur=0.5),
+    "C": dict(gain=(1.35, 0.75, 0.45), offset=(0.05, 0.00, 0.00), contrast=1.15, gamma=0.85, grad=(0.80, 250), blur=0.0),
+    "D": dict(gain=(0.75, 1.10, 1.25), offset=(0.20, 0.20, 0.20), contrast=0.8, gamma=1.0, grad=(0.40, 60), blur=0.8),
 }
 
 
