@@ -601,7 +601,7 @@ class ReportBuilder:
             strip = [[x[0, :, 0]] + [None] * (t - 2), [x[0, :, f] for f in range(1, t)]]
             strip += [[frame for frame in frames] for _, frames in rows]
             path = figures_dir / f"{self.name}_{spec['name']}_animation.png"
-            sample_grid(strip, ["source", "driving", *(label for label, _ in rows)], [f"t={f}" for f in range(1, t)],
+            sample_grid(strip, ["source (t=0)", "driving", *(label for label, _ in rows)], [f"t={f}" for f in range(1, t)],
                         f"Reconstruction of test video 0 (source: its frame 0) — {self.scale} scale, seed "
                         f"{min(training_spec(s)['seed'] for s in self.cells[tables[0]][0][0].specs)}", path)
             rel = Path(os.path.relpath(path, report_dir))
