@@ -38,8 +38,8 @@ from common.results import run_id
 REPO = Path(__file__).resolve().parent.parent
 PAPERS_DIR = REPO / "papers"
 SCHEMA_DIR = REPO / "config"
-EVAL_KEYS = ("target", "reference", "domain", "structure", "last_rounds", "logged", "minus", "reduce", "scale", "direction",
-             "budget_of", "bandwidth_mbit", "latency_ms", "compute")  # cell keys that parameterise the metric, not the run
+EVAL_KEYS = ("target", "reference", "domain", "structure", "last_rounds", "logged", "minus", "reduce", "scale",
+             "prefix", "direction", "budget_of", "bandwidth_mbit", "latency_ms", "compute")  # cell keys that parameterise the metric, not the run
 
 
 def known_papers() -> list[str]:

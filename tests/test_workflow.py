@@ -175,6 +175,7 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
                "Prostate/HK/*.npy"]),
     ("prompt_tuning", ["super_glue/BoolQ/train.jsonl", "t5-v1_1-lm-adapt/small/config.json",
                        "t5-v1_1-lm-adapt/xxl/config.json"]),
+    ("mraa", ["taichi-png/train/", "TED384-v2/test/", "vox-png/train/", "moving-gif/test/"]),
 ])
 def test_missing_paper_scale_data_is_one_clear_error(tmp_path, paper, expected_files):
     proc = snakemake(tmp_path, "-n", f"reports/{paper}.md", "--config", "scale=paper",

@@ -196,6 +196,12 @@ def pretrained_encoder(**params) -> Classifier:
     return text.pretrained_encoder(**params)
 
 
+def motion_transfer(**params):
+    """Region-based motion transfer (MRAA) and the FOMM-style keypoint model (`common/models/motion.py`)."""
+    from common.models import motion
+    return motion.motion_transfer(**params)
+
+
 MODELS = {
     "resnet8": lambda **kw: resnet(8, **kw),
     "resnet20": lambda **kw: resnet(20, **kw),
@@ -208,6 +214,7 @@ MODELS = {
     "mlp": mlp,
     "pretrained_encoder": pretrained_encoder,
     "unet": lambda **kw: _unet(**kw),
+    "motion_transfer": motion_transfer,
 }
 
 
@@ -223,7 +230,7 @@ def build_model(name: str, in_channels: int, num_classes: int, input_size: int, 
     pretrained checkpoints that do not ship with a package are read from."""
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
-    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp", "unet"):
+    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp", "unet", "motion_transfer"):
         params = {"input_size": input_size, **params}
     if name == "pretrained_encoder":
         params = {"data_root": data_root, **params}

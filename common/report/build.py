@@ -66,6 +66,8 @@ def _lrs(spec: dict) -> str:
 
 def _decimals(table: dict) -> int:
     """Rounds are whole numbers; trainable shares go down to thousandths of a percent (the paper's "< 0.01%")."""
+    if "decimals" in table:  # a table's own precision (e.g. L1 errors of a few hundredths)
+        return table["decimals"]
     return {"rounds_to_target": 0, "trainable_share": 4}.get(table["metric"], 2)
 
 
@@ -549,6 +551,8 @@ class ReportBuilder:
             return self._text_samples(spec, ds, figures_dir, report_dir)
         if "structures" in ds.extra:
             return self._segmentation_samples(spec, ds, figures_dir, report_dir)
+        if ds.extra.get("video"):
+            return self._video_samples(spec, ds, figures_dir, report_dir)
         test = ds.test
         names = ds.domains or ("",)
         domain = test.domain if test.domain is not None else test.y.new_zeros(len(test))
@@ -582,6 +586,49 @@ class ReportBuilder:
         return "\n".join([f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
                           f"The first {per_site} test images of each site, outlines: {outline}. Dataset: "
                           f"{ds.description}.", *([spec["caption"].strip()] if spec.get("caption") else []), ""])
+    def _video_samples(self, spec: dict, ds, figures_dir: Path, report_dir: Path) -> str:
+        """Frame strips of a video dataset: the first test video of each identity; and, with `animations: <table>`
+        (or a list of tables), the first test video reconstructed by each row's first-seed run (the frames the run
+        logged as `animation` after its last round), below its source and driving frames."""
+        import torch
+        x, y = ds.test.x, ds.test.y
+        t = x.shape[2]
+        firsts = [int((y == c).nonzero()[0]) for c in range(ds.num_classes) if (y == c).any()][:8]
+        grid = [[x[i, :, f] for f in range(t)] for i in firsts]
+        path = figures_dir / f"{self.name}_{spec['name']}.png"
+        sample_grid(grid, [f"identity {int(y[i])}" for i in firsts], [f"t={f}" for f in range(t)],
+                    f"{spec['title']} — test videos, {self.scale} scale", path)
+        rel = Path(os.path.relpath(path, report_dir))
+        out = [f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
+               f"The first test video of each identity (up to 8), every frame. Dataset: {ds.description}.", ""]
+        tables = spec.get("animations") or []
+        tables = [tables] if isinstance(tables, str) else tables
+        rows, seen = [], set()
+        for table in tables:
+            labels, _ = self.labels(table)
+            for label, cells in zip(labels, self.cells[table]):
+                cell = cells[0]
+                if not cell.specs or "prefix" in cell.eval:
+                    continue
+                first = min(cell.specs, key=lambda s: training_spec(s)["seed"])
+                rid = run_id(training_spec(first))
+                frames = [f for f in self.results[rid]["metrics"].get("animation", []) if f is not None]
+                if rid in seen or not frames:
+                    continue
+                seen.add(rid)
+                rows.append((label, torch.tensor(frames[-1], dtype=torch.float32) / 255))
+        if rows:
+            strip = [[x[0, :, 0]] + [None] * (t - 2), [x[0, :, f] for f in range(1, t)]]
+            strip += [[frame for frame in frames] for _, frames in rows]
+            path = figures_dir / f"{self.name}_{spec['name']}_animation.png"
+            sample_grid(strip, ["source (t=0)", "driving", *(label for label, _ in rows)], [f"t={f}" for f in range(1, t)],
+                        f"Reconstruction of test video 0 (source: its frame 0) — {self.scale} scale, seed "
+                        f"{min(training_spec(s)['seed'] for s in self.cells[tables[0]][0][0].specs)}", path)
+            rel = Path(os.path.relpath(path, report_dir))
+            out += [f"![Reconstructions]({rel.as_posix()})", "",
+                    "Test video 0 reconstructed from its first frame (top row) with the motion of each later frame "
+                    "(second row) by each method's first-seed run after its last round.", ""]
+        return "\n".join(out)
 
     def _text_samples(self, spec: dict, ds, figures_dir: Path, report_dir: Path, per_class: int = 4) -> str:
         """The first test sentences of each class of a text dataset, as a table and a figure."""

@@ -89,10 +89,13 @@ def weight_divergence(result: dict, last_rounds: int | None = None) -> tuple[flo
     return 100.0 * _mean_last_logged(result, "weight_divergence", last_rounds), False
 
 
-def logged(result: dict, logged: str, minus: str | None = None, reduce: str = "mean", scale: float = 1.0) -> tuple[float, bool]:
+def logged(result: dict, logged: str, minus: str | None = None, reduce: str = "mean", scale: float = 1.0,
+           prefix: str = "") -> tuple[float, bool]:
     """A per-round diagnostic a method logged (e.g. FedDF's `distill_changed`), or the difference of two
     (`logged` - `minus`), reduced over all rounds by its mean or sum (or its value after the last round: `last`),
-    times `scale`; rounds without a value are left out."""
+    times `scale`; rounds without a value are left out. `prefix` reads `<prefix><logged>` (a method that logs the
+    same metric for references, e.g. MRAA's `copy_l1` beside `l1`)."""
+    logged = prefix + logged
     per_round = result["metrics"].get(logged)
     if per_round is None:
         raise ValueError(f"run {result.get('run_id', '?')} logged no '{logged}'; its method does not compute it")
