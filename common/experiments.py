@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 PAPERS_DIR = REPO / "papers"
 SCHEMA_DIR = REPO / "config"
 EVAL_KEYS = ("target", "reference", "domain", "last_rounds", "logged", "minus", "reduce", "scale", "direction",
-             "budget_of", "bandwidth_mbit", "latency_ms", "compute")  # cell keys that parameterise the metric, not the run
+             "budget_of", "bandwidth_mbit", "latency_ms", "compute", "entry")  # cell keys that parameterise the metric, not the run
 
 
 def known_papers() -> list[str]:

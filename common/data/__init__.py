@@ -90,7 +90,8 @@ DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST 5k", "mnist1d": "mnist1d", 
                  "cinic10": "CINIC-10", "digits_five": "Digits-Five", "office_caltech10": "Office-Caltech-10",
                  "domainnet10": "DomainNet (10 classes)", "imdb": "IMDB", "trec6": "TREC-6",
                  "reviews": "templated reviews", "superglue_boolq": "SuperGLUE BoolQ", "superglue_cb": "SuperGLUE CB",
-                 "superglue_rte": "SuperGLUE RTE", "superglue_wic": "SuperGLUE WiC"}
+                 "superglue_rte": "SuperGLUE RTE", "superglue_wic": "SuperGLUE WiC",
+                 "nuclei": "nuclei-like centres (generated)", "nuclei_organs": "nuclei of four organs (MoNuSeg)"}
 
 
 def dataset_name(name: str, train_limit: int | None = None) -> str:
@@ -101,7 +102,7 @@ def dataset_name(name: str, train_limit: int | None = None) -> str:
 def known_loaders() -> dict[str, Callable[..., Dataset]]:
     """Every registered loader. The modules that register them are imported here, lazily, so that importing
     common.data stays cheap."""
-    from common.data import digits5, domains, offline, text, vision  # noqa: F401
+    from common.data import digits5, domains, nuclei, offline, text, vision  # noqa: F401
     return LOADERS
 
 
@@ -123,7 +124,8 @@ def _balanced_prefix(split: Split, limit: int | None) -> Split:
     several), so small slices stay balanced."""
     if not limit or limit >= len(split):
         return split
-    group = split.y if split.domain is None else split.domain * (int(split.y.max()) + 1) + split.y
+    y = split.y if split.y.dim() == 1 else torch.zeros(len(split), dtype=torch.int64)  # masks: one class
+    group = y if split.domain is None else split.domain * (int(y.max()) + 1) + y
     rank = torch.empty_like(group)
     for g in group.unique():
         idx = (group == g).nonzero().flatten()
@@ -152,6 +154,6 @@ def train_test_overlap(ds: Dataset) -> int:
 
 def missing_files(name: str, data_root: str | Path) -> list[str]:
     """Files a dataset needs under data_root that are absent (empty for datasets that ship with packages)."""
-    from common.data import domains, text, vision
+    from common.data import domains, nuclei, text, vision
     return (vision.missing_files(name, Path(data_root)) + domains.missing_files(name, Path(data_root))
-            + text.missing_files(name, Path(data_root)))
+            + text.missing_files(name, Path(data_root)) + nuclei.missing_files(name, Path(data_root)))

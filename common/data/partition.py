@@ -56,13 +56,16 @@ def shards(labels: torch.Tensor, clients: int, shards_per_client: int, seed: int
 
 
 def by_domain(labels: torch.Tensor, clients: int, seed: int, domains: torch.Tensor,
-              fraction: float = 1.0) -> list[torch.Tensor]:
+              fraction: float = 1.0, hold_out: int | None = None) -> list[torch.Tensor]:
     """Feature shift (FedBN): client k holds domain k. With `fraction` < 1 each client keeps a random,
     class-stratified share of its domain's training data (the paper's "percentage" of each dataset); the rest
-    is used by no client."""
+    is used by no client. With `hold_out` (a domain index; `partition` also takes its name) that domain has no
+    client (leave-one-domain-out, FedDG): the clients hold the other domains in order."""
     n_domains = int(domains.max()) + 1
-    if clients != n_domains:
-        raise SuiteError(f"partition scheme 'domain' gives one client per domain: clients must be {n_domains}, "
+    expected = n_domains - (hold_out is not None)
+    if clients != expected:
+        raise SuiteError(f"partition scheme 'domain' gives one client per domain"
+                         f"{' except the held-out one' if hold_out is not None else ''}: clients must be {expected}, "
                          f"got {clients}")
     if not 0 < fraction <= 1:
         raise SuiteError(f"partition fraction must be in (0, 1], got {fraction}")
@@ -70,6 +73,8 @@ def by_domain(labels: torch.Tensor, clients: int, seed: int, domains: torch.Tens
     rng = np.random.default_rng(seed)
     parts = []
     for d in range(n_domains):
+        if d == hold_out:
+            continue
         keep = []
         for c in np.unique(y[dom == d]):
             idx = rng.permutation(np.flatnonzero((dom == d) & (y == c)))
@@ -83,8 +88,16 @@ NEEDS_DOMAINS = {"domain"}
 
 
 def partition(labels: torch.Tensor, scheme: str, seed: int, domains: torch.Tensor | None = None,
-              **params) -> list[torch.Tensor]:
-    """Client index sets. `domains` (the domain index of each sample) is used by the schemes that need it."""
+              domain_names: tuple[str, ...] = (), **params) -> list[torch.Tensor]:
+    """Client index sets. `domains` (the domain index of each sample) is used by the schemes that need it;
+    `hold_out` may name a domain of `domain_names`. Segmentation masks (N, S, H, W) count as one class."""
+    if labels.dim() > 1:
+        labels = torch.zeros(len(labels), dtype=torch.int64)
+    if isinstance(params.get("hold_out"), str):
+        if params["hold_out"] not in domain_names:
+            raise SuiteError(f"hold_out '{params['hold_out']}' is not a domain of the dataset "
+                             f"({', '.join(domain_names) or 'none'})")
+        params["hold_out"] = domain_names.index(params["hold_out"])
     if scheme not in PARTITIONERS:
         raise SuiteError(f"unknown partition scheme '{scheme}'; known: {', '.join(PARTITIONERS)}")
     if scheme in NEEDS_DOMAINS:
@@ -93,7 +106,7 @@ def partition(labels: torch.Tensor, scheme: str, seed: int, domains: torch.Tenso
         params["domains"] = domains
     parts = PARTITIONERS[scheme](labels, seed=seed, **params)
     # a per-domain share leaves some samples unused; every other partition covers the training set exactly
-    check_disjoint_cover(parts, len(labels), cover=params.get("fraction", 1.0) == 1.0)
+    check_disjoint_cover(parts, len(labels), cover=params.get("fraction", 1.0) == 1.0 and params.get("hold_out") is None)
     return parts
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from common.errors import SuiteError
+from common.models.gan import resnet_generator
 
 
 def norm_layer(kind: str, channels: int, groups: int = 2) -> nn.Module:
@@ -207,7 +208,15 @@ MODELS = {
     "fedavg_cnn": fedavg_cnn,
     "mlp": mlp,
     "pretrained_encoder": pretrained_encoder,
+    "resnet_generator": resnet_generator,
+    "unet": lambda **kw: _unet(**kw),
 }
+
+
+def _unet(**params):
+    """The segmentation U-Net (`common/models/unet.py`): one logit map per output channel."""
+    from common.models.unet import unet
+    return unet(**params)
 
 
 def build_model(name: str, in_channels: int, num_classes: int, input_size: int, data_root: str = "data",
@@ -216,7 +225,7 @@ def build_model(name: str, in_channels: int, num_classes: int, input_size: int, 
     pretrained checkpoints that do not ship with a package are read from."""
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
-    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp"):
+    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp", "unet"):
         params = {"input_size": input_size, **params}
     if name == "pretrained_encoder":
         params = {"data_root": data_root, **params}

@@ -411,6 +411,9 @@ class ReportBuilder:
             if plot.get("kind") == "scaling":
                 out += self._scaling_plot(plot, figures_dir, report_dir)
                 continue
+            if plot.get("kind") == "generated":
+                out += self._generated_plot(plot, figures_dir, report_dir)
+                continue
             t = self.paper["tables"][plot["table"]]
             rows, cols = self.labels(plot["table"])
             panels = []
@@ -440,6 +443,32 @@ class ReportBuilder:
                     else "Mean over seeds" + (", at each cell's best grid point." if self.cells[plot["table"]][0][0]
                                               .points else "."), ""]
         return "\n".join(["## Plots", "", *out]) if out else ""
+
+    def _generated_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
+        """A generative method's images after every round (its `generated` log: per round, one 8-bit image per
+        site of the site's first test label map), first seed, one row per (table row, round), below the real
+        images and label maps."""
+        import torch
+        from common.data import load_dataset
+        rows, cols = self.labels(plot["table"])
+        ds = load_dataset(self.sc["base"]["dataset"]["name"], self.data_root)
+        sites = range(len(ds.domains))
+        first = [int((ds.test.domain == d).nonzero()[0]) for d in sites]
+        grid = [[ds.test.x[i] for i in first], [ds.test.y[i].float().mean(0, keepdim=True) for i in first]]
+        labels = ["real image", "label map"]
+        for label in plot["rows"]:
+            ids = self.cell_run_ids(plot["table"], self.cells[plot["table"]][rows.index(label)][cols.index(plot["column"])])
+            if not ids:
+                continue
+            res = self.results[ids[0]]
+            for r, images in zip(res["metrics"]["round"], res["metrics"]["generated"]):
+                grid.append([torch.tensor(img, dtype=torch.float32) / 255 for img in images])
+                labels.append(f"{label}, stage {r}")
+        path = figures_dir / f"{self.name}_{plot['name']}.png"
+        sample_grid(grid, labels, list(ds.domains), f"{plot['title']} — {self.scale} scale", path)
+        rel = Path(os.path.relpath(path, report_dir))
+        return [f"### {plot['title']}", "", f"![{plot['title']}]({rel.as_posix()})", "",
+                f"Columns: the sites (centres) in the order they are visited. Seed {res['spec']['seed']}.", ""]
 
     def _curves_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
         """Per-round metrics of every (row, column) cell of a table, one panel per metric."""
@@ -545,6 +574,8 @@ class ReportBuilder:
         ds = load_dataset(self.sc["base"]["dataset"]["name"], self.data_root)
         if "texts" in ds.extra:
             return self._text_samples(spec, ds, figures_dir, report_dir)
+        if ds.test.y.dim() == 4:
+            return self._mask_samples(spec, ds, figures_dir, report_dir)
         test = ds.test
         names = ds.domains or ("",)
         domain = test.domain if test.domain is not None else test.y.new_zeros(len(test))
@@ -561,6 +592,24 @@ class ReportBuilder:
         rel = Path(os.path.relpath(path, report_dir))
         return "\n".join([f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
                           f"The first test image of each class. Dataset: {ds.description}.", ""])
+
+    def _mask_samples(self, spec: dict, ds, figures_dir: Path, report_dir: Path, per_site: int = 3) -> str:
+        """The first test images of each site of a segmentation dataset beside their label maps (grey levels: the
+        share of the structures a pixel belongs to)."""
+        test, names = ds.test, ds.domains or ("",)
+        domain = test.domain if test.domain is not None else test.x.new_zeros(len(test))
+        grid = []
+        for d in range(len(names)):
+            idx = (domain == d).nonzero().flatten()[:per_site]
+            grid.append([t for i in idx for t in (test.x[i], test.y[i].float().mean(0, keepdim=True))])
+        cols = [f"{what} {k + 1}" for k in range(per_site) for what in ("image", "label map")]
+        path = figures_dir / f"{self.name}_{spec['name']}.png"
+        sample_grid(grid, list(names), cols, f"{spec['title']} — {self.scale} scale", path)
+        rel = Path(os.path.relpath(path, report_dir))
+        structures = ", ".join(ds.extra.get("structures", ()))
+        return "\n".join([f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
+                          f"The first test images of each site and their label maps ({structures}). "
+                          f"Dataset: {ds.description}.", ""])
 
     def _text_samples(self, spec: dict, ds, figures_dir: Path, report_dir: Path, per_class: int = 4) -> str:
         """The first test sentences of each class of a text dataset, as a table and a figure."""
