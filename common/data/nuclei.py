@@ -7,9 +7,9 @@ the centre's typical count, size and elongation) and the image the centre's scan
 - nuclei: the centre's nucleus colour with a granular chromatin texture and a darker rim;
 - blur and sensor noise of the centre.
 
-The centres differ in every one of these (`CENTRES`): an H&E-like stain (purple nuclei on pink), an IHC-like
-stain (blue-brown nuclei on pale yellow, smaller and denser), and a fluorescence-like image (bright nuclei on a dark
-background: the polarity is inverted). A segmenter that has only seen one centre's appearance fails on the others,
+The centres differ in every one of these (`CENTRES`): an H&E-like stain (few large round purple nuclei on pink), an
+IHC-like stain (many small round blue nuclei on pale yellow), and a fluorescence-like image (long thin bright nuclei
+on a dark background: the polarity is inverted). A segmenter that has only seen one centre's appearance fails on the others,
 and each centre's label maps are recognisably its own (size, density, elongation), so a label-map-to-image
 generator can learn which appearance a label map calls for: what a generator that forgets a centre loses is
 measurable downstream. Images are float (3, size, size) in [0, 1], label maps float 0/1 masks (1, size, size) of
@@ -28,7 +28,7 @@ from skimage.draw import ellipse
 from common.data import Dataset, Split, cached, register
 from common.errors import DatasetCorrupt, DatasetMissing
 
-RECIPE = "nuclei-v2"  # part of the cache key: change it whenever the generator changes
+RECIPE = "nuclei-v3"  # part of the cache key: change it whenever the generator changes
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,11 @@ class Centre:
 
 
 CENTRES = (
-    Centre("H&E-like", count=(3, 6), radius=(3.0, 5.0), elongation=(0.6, 0.95), background=(0.93, 0.72, 0.82),
+    Centre("H&E-like", count=(3, 5), radius=(3.5, 5.0), elongation=(0.8, 1.0), background=(0.93, 0.72, 0.82),
            nucleus=(0.38, 0.20, 0.55), rim=0.15, texture_scale=3.0, texture=0.06, grain=0.08, blur=0.6, noise=0.02),
-    Centre("IHC-like", count=(7, 12), radius=(2.0, 3.2), elongation=(0.75, 1.0), background=(0.95, 0.90, 0.70),
+    Centre("IHC-like", count=(8, 12), radius=(1.5, 2.5), elongation=(0.8, 1.0), background=(0.95, 0.90, 0.70),
            nucleus=(0.30, 0.35, 0.62), rim=0.25, texture_scale=1.5, texture=0.10, grain=0.05, blur=0.4, noise=0.03),
-    Centre("fluorescence-like", count=(4, 8), radius=(2.5, 4.5), elongation=(0.4, 0.7), background=(0.05, 0.07, 0.12),
+    Centre("fluorescence-like", count=(4, 7), radius=(4.0, 6.0), elongation=(0.25, 0.4), background=(0.05, 0.07, 0.12),
            nucleus=(0.35, 0.55, 0.95), rim=-0.2, texture_scale=5.0, texture=0.04, grain=0.12, blur=0.9, noise=0.04),
 )
 
