@@ -196,6 +196,11 @@ class Algorithm:
         return state_bytes(client_state, self.transmitted_keys(client_state))
 
     # --- client side -------------------------------------------------------------------------------------------
+    def clients_of_round(self, run: "FederatedRun", round_index: int) -> list[int]:
+        """The clients that train in this round: a random `client_fraction` of them (methods that visit clients
+        in a fixed order, such as TDGAN's one centre per stage, choose their own)."""
+        return run.sample_clients(round_index)
+
     def train_client(self, run: "FederatedRun", client: int, round_index: int) -> tuple[float, int]:
         """The client's local work between receiving the global model and sending its own: the engine's local
         SGD (`FederatedRun.local_train`). Returns (mean training loss, steps)."""

@@ -278,7 +278,7 @@ class FederatedRun:
                    disable=not progress, leave=False, initial=first, total=self.rounds)
         for r in bar:
             started = time.perf_counter()
-            sampled = self.sample_clients(r)
+            sampled = algo.clients_of_round(self, r)
             states, weights, losses, down, up = [], [], [], [], []
             for k in sampled:
                 ctx.model.load_state_dict(global_state)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from common.errors import SuiteError
+from common.models.gan import resnet_generator
 
 
 def norm_layer(kind: str, channels: int, groups: int = 2) -> nn.Module:
@@ -215,6 +216,7 @@ MODELS = {
     "pretrained_encoder": pretrained_encoder,
     "unet": lambda **kw: _unet(**kw),
     "motion_transfer": motion_transfer,
+    "resnet_generator": resnet_generator,
 }
 
 

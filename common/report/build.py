@@ -415,6 +415,9 @@ class ReportBuilder:
             if plot.get("kind") == "scaling":
                 out += self._scaling_plot(plot, figures_dir, report_dir)
                 continue
+            if plot.get("kind") == "generated":
+                out += self._generated_plot(plot, figures_dir, report_dir)
+                continue
             t = self.paper["tables"][plot["table"]]
             rows, cols = self.labels(plot["table"])
             panels = []
@@ -444,6 +447,32 @@ class ReportBuilder:
                     else "Mean over seeds" + (", at each cell's best grid point." if self.cells[plot["table"]][0][0]
                                               .points else "."), ""]
         return "\n".join(["## Plots", "", *out]) if out else ""
+
+    def _generated_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
+        """A generative method's images after every round (its `generated` log: per round, one 8-bit image per
+        site of the site's first test label map), first seed, one row per (table row, round), below the real
+        images and label maps."""
+        import torch
+        from common.data import load_dataset
+        rows, cols = self.labels(plot["table"])
+        ds = load_dataset(self.sc["base"]["dataset"]["name"], self.data_root)
+        sites = range(len(ds.domains))
+        first = [int((ds.test.domain == d).nonzero()[0]) for d in sites]
+        grid = [[ds.test.x[i] for i in first], [ds.test.y[i].float().mean(0, keepdim=True) for i in first]]
+        labels = ["real image", "label map"]
+        for label in plot["rows"]:
+            ids = self.cell_run_ids(plot["table"], self.cells[plot["table"]][rows.index(label)][cols.index(plot["column"])])
+            if not ids:
+                continue
+            res = self.results[ids[0]]
+            for r, images in zip(res["metrics"]["round"], res["metrics"]["generated"]):
+                grid.append([torch.tensor(img, dtype=torch.float32) / 255 for img in images])
+                labels.append(f"{label}, stage {r}")
+        path = figures_dir / f"{self.name}_{plot['name']}.png"
+        sample_grid(grid, labels, list(ds.domains), f"{plot['title']} — {self.scale} scale", path)
+        rel = Path(os.path.relpath(path, report_dir))
+        return [f"### {plot['title']}", "", f"![{plot['title']}]({rel.as_posix()})", "",
+                f"Columns: the sites (centres) in the order they are visited. Seed {res['spec']['seed']}.", ""]
 
     def _curves_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
         """Per-round metrics of every (row, column) cell of a table, one panel per metric."""

@@ -90,21 +90,27 @@ def weight_divergence(result: dict, last_rounds: int | None = None) -> tuple[flo
 
 
 def logged(result: dict, logged: str, minus: str | None = None, reduce: str = "mean", scale: float = 1.0,
-           prefix: str = "") -> tuple[float, bool]:
+           prefix: str = "", entry: str | int | None = None) -> tuple[float, bool]:
     """A per-round diagnostic a method logged (e.g. FedDF's `distill_changed`), or the difference of two
-    (`logged` - `minus`), reduced over all rounds by its mean or sum (or its value after the last round: `last`),
-    times `scale`; rounds without a value are left out. `prefix` reads `<prefix><logged>` (a method that logs the
-    same metric for references, e.g. MRAA's `copy_l1` beside `l1`)."""
+    (`logged` - `minus`), reduced over all rounds by its mean or sum (or its value after the first or the last
+    round: `first`, `last`), times `scale`; rounds without a value are left out. `prefix` reads `<prefix><logged>` (a
+    method that logs the same metric for references, e.g. MRAA's `copy_l1` beside `l1`). With `entry`, the
+    diagnostic is a per-round mapping or list (e.g. a value per site) and its value at `entry` is read."""
     logged = prefix + logged
     per_round = result["metrics"].get(logged)
     if per_round is None:
         raise ValueError(f"run {result.get('run_id', '?')} logged no '{logged}'; its method does not compute it")
-    other = result["metrics"][minus] if minus else [0.0] * len(per_round)
+    if entry is not None:
+        per_round = [None if r is None else r[entry] for r in per_round]
+    other = [0.0] * len(per_round)
+    if minus:
+        other = result["metrics"][minus]
+        other = [None if r is None else r[entry] for r in other] if entry is not None else other
     values = [a - b for a, b in zip(per_round, other) if a is not None and b is not None]
     if not values:
         return math.nan, False
-    if reduce == "last":
-        return scale * float(values[-1]), False
+    if reduce in ("first", "last"):
+        return scale * float(values[0 if reduce == "first" else -1]), False
     return scale * float(np.sum(values) if reduce == "sum" else np.mean(values)), False
 
 

@@ -1,0 +1,165 @@
+"""TDGAN: learning one conditional generator from data centres in sequence with temporary discriminators (Qu et
+al., ECCV 2020), and its baselines, as algorithms of the shared engine.
+
+Stage t of the run is round t: the generator (the run's model, label map -> image) visits centre t, whose images
+never leave it. A temporary PatchGAN discriminator, new at this centre, is trained against the generator there and
+discarded when the stage ends. The generator minimises the digesting loss on the centre's pairs and, from the
+second stage on, the reminding loss on the label maps of the centres visited before (label maps, unlike images,
+are available to the generator, as in the paper and its predecessor AsynDGAN):
+
+    L_G = lambda_G * [ GAN(D_t(s, G(s))) + lambda_L1 * |G(s) - x|_1                                 (digesting)
+                       + lambda_rem * sum_{i < t} |G(s_i) - G_{t-1}(s_i)|_1 ]                       (reminding)
+    L_D = lambda_D * [ GAN(D_t(s, x)) = real + GAN(D_t(s, G(s))) = fake ]
+
+with GAN the binary cross-entropy on the patch logits (pix2pix's `vanilla` mode) and G_{t-1} the generator as it
+left the previous stage, frozen. The official scripts' weights: lambda_L1 = 100, lambda_rem = 100, lambda_G = 0.1,
+lambda_D = 0.05; Adam (lr 2e-4, beta1 0.5) for both networks. Their perceptual terms (VGG-16 features, weight 10 in
+both losses) need ImageNet weights that the offline scales do not have: `perceptual` is 0 there (a listed
+deviation).
+
+- `tdgan`: as above. `reminding: 0` is **sequential fine-tuning** (the generator forgets earlier centres); on a
+  partition that pools every centre into one client it is **joint learning** (pix2pix on all the real data).
+- `real_data`: no generator at all; the downstream segmenter trains on the real images of every centre: the upper
+  bound of what synthetic data can give (this paper's ceiling).
+
+Evaluation after every stage is the paper's downstream task: a segmenter (U-Net) is trained on the generator's
+images of the training label maps of every centre and tested on each centre's real held-out images (Dice and HD95
+of the nucleus class per centre; `test_accuracy` is the mean Dice). The generator's L1 to the real image of each
+centre's held-out label maps (`centre_l1`) measures what it still knows of each centre: forgetting is its rise on
+earlier centres. Per-centre metrics are lists in centre order; `generated` holds the image of each centre's first
+test label map (8-bit RGB) after every stage, for the report's figure.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from common.fl.algorithms import Algorithm, register_algorithm
+from common.fl.engine import sub_seed
+from common.models.gan import PatchDiscriminator
+
+
+def to_tanh_range(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> [-1, 1], the generator's output range."""
+    return 2 * x - 1
+
+
+def gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
+    """pix2pix's vanilla GAN loss: binary cross-entropy of every patch logit against 1 (real) or 0 (fake)."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(real)))
+
+
+def reminding_loss(generator: torch.nn.Module, previous: torch.nn.Module | None,
+                   earlier_maps: list[torch.Tensor]) -> torch.Tensor:
+    """sum over earlier centres of the mean |G(s_i) - G_{t-1}(s_i)| on a batch s_i of each one's label maps; zero
+    at the first stage (no earlier centre) and whenever G equals G_{t-1}."""
+    loss = torch.zeros(())
+    if previous is None:
+        return loss
+    for maps in earlier_maps:
+        with torch.no_grad():
+            target = previous(maps)
+        loss = loss + F.l1_loss(generator(maps), target)
+    return loss
+
+
+@register_algorithm("tdgan")
+class TDGAN(Algorithm):
+    transient = ("ctx", "server_opt", "server_params", "param_names")
+
+    def __init__(self, reminding: float = 100.0, l1: float = 100.0, perceptual: float = 0.0, lambda_g: float = 0.1,
+                 lambda_d: float = 0.05, discriminator_width: int = 64, discriminator_layers: int = 3,
+                 beta1: float = 0.5, segmenter: dict | None = None):
+        super().__init__()
+        self.reminding, self.l1, self.perceptual = reminding, l1, perceptual
+        self.lambda_g, self.lambda_d = lambda_g, lambda_d
+        self.d_width, self.d_layers, self.beta1 = discriminator_width, discriminator_layers, beta1
+        self.segmenter = segmenter or {}
+        if perceptual:
+            raise NotImplementedError("the perceptual loss needs VGG-16 ImageNet weights; not available yet")
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.previous: dict | None = None  # the generator's state when the previous stage ended
+        self.visited: list[int] = []  # clients (centres) of the stages so far
+
+    def clients_of_round(self, run, round_index: int) -> list[int]:
+        """Stage t visits centre t (client t of a one-centre-per-client partition); a pooled partition (one client)
+        is visited every stage."""
+        return [round_index % len(run.ctx.parts)]
+
+    def train_client(self, run, client: int, round_index: int) -> tuple[float, int]:
+        ctx, G = run.ctx, run.ctx.model
+        torch.manual_seed(sub_seed(run.seed, round_index, client, 0xD15C))  # the temporary discriminator's init
+        D = PatchDiscriminator(ctx.data.num_classes + ctx.data.input_shape[0], self.d_width, self.d_layers)
+        D = D.to(ctx.device)
+        opt_g = torch.optim.Adam(G.parameters(), lr=run.lr, betas=(self.beta1, 0.999))
+        opt_d = torch.optim.Adam(D.parameters(), lr=run.lr, betas=(self.beta1, 0.999))
+        previous = None
+        earlier = [c for c in self.visited if c != client]
+        if self.previous is not None and earlier and self.reminding:
+            previous = copy.deepcopy(G)
+            previous.load_state_dict(self.previous)
+            previous.eval()
+        gen = torch.Generator().manual_seed(sub_seed(run.seed, round_index, client))
+        maps_of = {c: run.y[ctx.parts[c].to(ctx.device)] for c in earlier}
+        G.train()
+        total, steps = 0.0, 0
+        for x, s in run.client_batches(client, run.epochs, gen):
+            real = to_tanh_range(x)
+            fake = G(s)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d = self.lambda_d * (gan_loss(D(s, real), True) + gan_loss(D(s, fake.detach()), False))
+            loss_d.backward()
+            opt_d.step()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g = gan_loss(D(s, fake), True) + self.l1 * F.l1_loss(fake, real)
+            if previous is not None:
+                batches = [m[torch.randint(len(m), (len(s),), generator=gen)] for m in maps_of.values()]
+                loss_g = loss_g + self.reminding * reminding_loss(G, previous, batches)
+            (self.lambda_g * loss_g).backward()
+            opt_g.step()
+            total, steps = total + loss_g.item(), steps + 1
+        return total / max(steps, 1), steps
+
+    def end_client(self, model, global_state, client, steps):
+        self.previous = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if client not in self.visited:
+            self.visited.append(client)
+
+    def server_update(self, global_state, client_states, weights, round_index):
+        return client_states[0]  # one centre per stage: the generator as it left it
+
+    def synthetic_images(self, run, labels: torch.Tensor) -> torch.Tensor:
+        """The generator's images of `labels`, in [0, 1] like the real ones."""
+        G = run.ctx.model
+        G.eval()
+        with torch.no_grad():
+            return torch.cat([(G(labels[i:i + 64]) + 1) / 2 for i in range(0, len(labels), 64)])
+
+    def evaluate(self, run, global_state):
+        from papers.tdgan.downstream import evaluate_downstream
+        run.ctx.model.load_state_dict(global_state)
+        train_maps = run.y
+        synthetic = self.synthetic_images(run, train_maps)
+        metrics = evaluate_downstream(run, synthetic, train_maps, self.segmenter)
+        test_fake = self.synthetic_images(run, run.y_test)
+        centres = [run.test_domain == d for d in range(len(run.ctx.data.domains))]
+        metrics["centre_l1"] = [F.l1_loss(test_fake[on], run.x_test[on]).item() for on in centres]
+        # the image of each centre's first test label map, as 8-bit RGB, for the report's figure
+        metrics["generated"] = [(255 * test_fake[on][0]).round().to(torch.uint8).tolist() for on in centres]
+        return metrics
+
+
+@register_algorithm("real_data")
+class RealData(TDGAN):
+    """No generator: the downstream segmenter trains on the real images of every centre (the upper bound)."""
+
+    def train_client(self, run, client, round_index):
+        return 0.0, 0
+
+    def evaluate(self, run, global_state):
+        from papers.tdgan.downstream import evaluate_downstream
+        return evaluate_downstream(run, run.x, run.y, self.segmenter)

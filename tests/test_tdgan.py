@@ -1,0 +1,150 @@
+"""TDGAN: the nuclei-like centres, the losses, the stage schedule, the paper-scale loader."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.data import Dataset, Split, load_dataset
+from common.data.nuclei import CENTRES, ORGANS, ORGANS_DIR, generate
+from common.errors import DatasetCorrupt, DatasetMissing
+from common.fl import FederatedRun, RunContext, get_algorithm
+from common.models import build_model
+from common.models.gan import PatchDiscriminator
+from papers.tdgan.method import gan_loss, reminding_loss
+
+
+def test_generator_is_deterministic_per_seed_and_centres_differ():
+    a, b, c = generate(6, seed=0), generate(6, seed=0), generate(6, seed=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["x"], c["x"])
+    assert a["x"].shape == (18, 3, 32, 32) and a["y"].shape == (18, 1, 32, 32)
+    assert set(a["y"].unique().tolist()) == {0.0, 1.0} and a["centre"].tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    # each centre's background is its stain colour; the fluorescence-like one is dark, the others bright
+    background = [a["x"][a["centre"] == k].permute(1, 0, 2, 3)[:, (a["y"][a["centre"] == k] == 0).squeeze(1)].mean(1)
+                  for k in range(3)]
+    for k, centre in enumerate(CENTRES):
+        assert torch.allclose(background[k], torch.tensor(centre.background), atol=0.08)
+    # nuclei differ from the background in every centre; in the fluorescence-like one they are brighter
+    for k in range(3):
+        x, y = a["x"][a["centre"] == k].mean(1), a["y"][a["centre"] == k].squeeze(1) > 0
+        assert (x[y].mean() - x[~y].mean()).abs() > 0.2
+    assert a["x"][12:].mean(1)[a["y"][12:].squeeze(1) > 0].mean() > background[2].mean() + 0.2
+
+
+def test_centres_have_their_own_nucleus_statistics():
+    d = generate(40, seed=3)
+    area = [d["y"][d["centre"] == k].mean().item() for k in range(3)]
+    counts = [np.mean([len(np.unique(__import__("scipy").ndimage.label(m[0].numpy())[0])) - 1
+                       for m in d["y"][d["centre"] == k]]) for k in range(3)]
+    assert counts[1] > counts[0] + 2  # the IHC-like centre: many small nuclei
+    assert area[1] / counts[1] < area[0] / counts[0]
+
+
+def test_gan_loss_is_the_binary_cross_entropy_of_every_patch():
+    logits = torch.tensor([[[[0.3, -1.2], [2.0, 0.0]]]])
+    manual_real = -torch.log(torch.sigmoid(logits)).mean()
+    manual_fake = -torch.log(1 - torch.sigmoid(logits)).mean()
+    assert torch.allclose(gan_loss(logits, True), manual_real)
+    assert torch.allclose(gan_loss(logits, False), manual_fake)
+
+
+def small_generator(seed=0):
+    torch.manual_seed(seed)
+    return build_model("resnet_generator", in_channels=3, num_classes=1, input_size=16, width=4, downsamples=1,
+                       blocks=1)
+
+
+def test_reminding_loss_is_zero_for_the_previous_generator_itself_and_the_l1_otherwise():
+    g = small_generator()
+    maps = [(torch.rand(4, 1, 16, 16) > 0.7).float(), (torch.rand(3, 1, 16, 16) > 0.7).float()]
+    same = copy.deepcopy(g)
+    assert reminding_loss(g, same, maps).item() == 0.0
+    assert reminding_loss(g, None, maps).item() == 0.0  # first stage: nothing to remember
+    other = small_generator(seed=1)
+    expected = sum(F.l1_loss(g(m), other(m)) for m in maps)
+    got = reminding_loss(g, other, maps)
+    assert got.item() > 0 and torch.allclose(got, expected)
+    got.backward()  # gradients reach the current generator only
+    assert all(p.grad is None for p in other.parameters()) and any(p.grad is not None for p in g.parameters())
+
+
+def test_patch_discriminator_scores_patches_of_the_pair():
+    d = PatchDiscriminator(1 + 3, width=8, layers=2)
+    out = d(torch.zeros(2, 1, 32, 32), torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 1, 6, 6)
+
+
+def tiny_centres():
+    g = generate(8, size=16, seed=0)
+    train = torch.arange(24) % 8 < 6
+    split = lambda m: Split(g["x"][m], g["y"][m], g["centre"][m])  # noqa: E731
+    return Dataset("nuclei", split(train), split(~train), 1, extra={"structures": ("nucleus",)},
+                   domains=tuple(c.name for c in CENTRES))
+
+
+def run_stages(method, rounds=3):
+    data = tiny_centres()
+    parts = [(data.train.domain == k).nonzero().flatten() for k in range(3)]
+    spec = {"method": method, "seed": 0, "training": {"rounds": rounds, "client_fraction": 1.0, "local_epochs": 2,
+                                                      "batch_size": 6, "lr": 0.0002}}
+    ctx = RunContext(spec=spec, data=data, parts=parts, model=small_generator(), make_model=small_generator,
+                     device=torch.device("cpu"), data_root="data")
+    algo = get_algorithm(method)
+    hist = FederatedRun(ctx, algo).train(progress=False)
+    return hist, algo, ctx
+
+
+SMALL = {"discriminator_width": 4, "discriminator_layers": 1, "segmenter": {"width": 4, "depth": 2, "epochs": 1}}
+
+
+def test_stage_t_visits_centre_t_and_keeps_the_generator_it_leaves():
+    hist, algo, ctx = run_stages({"name": "tdgan", **SMALL})
+    assert hist.extra["clients"] == [[0], [1], [2]]
+    assert algo.visited == [0, 1, 2]
+    assert all(torch.equal(v, ctx.model.state_dict()[k]) for k, v in algo.previous.items())
+    assert len(hist.extra["centre_dice"][-1]) == 3 and len(hist.extra["generated"][-1]) == 3
+
+
+def test_reminding_changes_nothing_in_the_first_stage_and_everything_after():
+    tdgan, _, _ = run_stages({"name": "tdgan", **SMALL})
+    sequential, _, _ = run_stages({"name": "tdgan", "reminding": 0, **SMALL})
+    assert tdgan.extra["centre_l1"][0] == sequential.extra["centre_l1"][0]  # stage 1: same seed, same generator
+    assert tdgan.extra["centre_l1"][1] != sequential.extra["centre_l1"][1]
+
+
+def write_organ(path, n, size=16, seed=0, under_train=True):
+    import h5py
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        db = f.create_group("train") if under_train else f
+        for i in range(n):
+            db.create_dataset(f"images/img{i}", data=rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+            db.create_dataset(f"labels/img{i}", data=(rng.random((size, size)) > 0.5).astype(np.uint8) * 255)
+
+
+def test_nuclei_organs_reads_the_official_h5_files(tmp_path):
+    folder = tmp_path / ORGANS_DIR
+    folder.mkdir(parents=True)
+    for k, organ in enumerate(ORGANS):
+        write_organ(folder / f"train_{organ}.h5", n=5 + k, seed=k, under_train=k % 2 == 0)
+    ds = load_dataset("nuclei_organs", tmp_path)
+    assert ds.domains == ORGANS and ds.extra["structures"] == ("nucleus",)
+    assert len(ds.train) + len(ds.test) == 5 + 6 + 7 + 8
+    assert [int((ds.test.domain == k).sum()) for k in range(4)] == [1, 1, 1, 2]  # 20% of each organ, rounded
+    assert ds.train.x.shape[1:] == (3, 16, 16) and 0 <= ds.train.x.min() and ds.train.x.max() <= 1
+    assert set(ds.train.y.unique().tolist()) == {0.0, 1.0}
+    again = load_dataset("nuclei_organs", tmp_path)
+    assert torch.equal(again.test.x, ds.test.x)
+
+
+def test_nuclei_organs_missing_or_damaged_files_are_one_clear_error(tmp_path):
+    with pytest.raises(DatasetMissing, match="train_liver.h5.*TDGAN-PyTorch"):
+        load_dataset("nuclei_organs", tmp_path)
+    folder = tmp_path / ORGANS_DIR
+    folder.mkdir(parents=True)
+    for organ in ORGANS:
+        (folder / f"train_{organ}.h5").write_bytes(b"not an h5 file")
+    with pytest.raises(DatasetCorrupt, match="train_liver.h5 is not a readable TDGAN nuclei file"):
+        load_dataset("nuclei_organs", tmp_path)
