@@ -296,6 +296,7 @@ def centralised_spec(specs: list[dict]) -> dict:
     keeps its steps, each on a batch as large as the round's clients' batches together."""
     spec = copy.deepcopy(max(specs, key=lambda s: s["training"]["rounds"] * s["training"]["local_epochs"]))
     spec["method"] = {"name": "centralised"}
+    spec.pop("evaluation", None)  # the pooled model on the whole test set, never adapted
     t = spec["training"]
     if "local_steps" in t:  # data-parallel SGD: the pooled model takes the round's clients' batches as one batch
         clients = max(1, int(round(t["client_fraction"] * spec["partition"]["clients"])))

@@ -119,6 +119,34 @@ def check_disjoint_cover(parts: list[torch.Tensor], n: int, cover: bool = True) 
         raise AssertionError("partition does not assign every sample exactly once")
 
 
+def client_test_split(train_groups: torch.Tensor, parts: list[torch.Tensor], test_groups: torch.Tensor,
+                      seed: int) -> list[torch.Tensor]:
+    """Each client's own test split, drawn from the shared test set so that it follows the client's training
+    distribution (pFedHN's protocol: the test set is split with the clients' class proportions). A group is a label
+    (or, on multi-domain data, a domain): the test samples of group g, in a random order drawn from `seed`, are cut
+    among the clients in proportion to how many training samples of g each holds (largest remainders round). The
+    splits are disjoint; a group no client trains on is left out. A client holding a whole domain gets exactly that
+    domain's test samples. Indices into the test set, sorted."""
+    tr, te = train_groups.numpy(), test_groups.numpy()
+    n_groups = int(max(tr.max(initial=0), te.max(initial=0))) + 1
+    counts = np.stack([np.bincount(tr[p.numpy()], minlength=n_groups) for p in parts])  # clients x groups
+    rng = np.random.default_rng(seed)
+    out: list[list[np.ndarray]] = [[] for _ in parts]
+    for g in range(n_groups):
+        idx = rng.permutation(np.flatnonzero(te == g))
+        held = counts[:, g]
+        if held.sum() == 0 or len(idx) == 0:
+            continue
+        share = held / held.sum() * len(idx)
+        n = np.floor(share).astype(int)
+        # the samples left by rounding down go to the largest fractional parts (ties: the lower client index)
+        for k in np.argsort(-(share - n), kind="stable")[:len(idx) - n.sum()]:
+            n[k] += 1
+        for k, chunk in enumerate(np.split(idx, np.cumsum(n)[:-1])):
+            out[k].append(chunk)
+    return _to_tensors([np.concatenate(o) if o else np.zeros(0, dtype=np.int64) for o in out])
+
+
 def partition_fingerprint(parts: list[torch.Tensor]) -> str:
     """Hash of the client -> sample-index map, recorded with every result."""
     h = hashlib.sha256()

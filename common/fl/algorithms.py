@@ -221,10 +221,13 @@ class Algorithm:
         """Metrics of the new global model; must include test_accuracy and test_loss (on a multi-domain dataset:
         their means over domains, plus per-domain metrics). Personalised methods override this (e.g. to evaluate
         each client's own model on its own test data)."""
-        from common.fl.engine import evaluate, evaluate_domains
+        from common.fl.engine import evaluate, evaluate_clients
         run.ctx.model.load_state_dict(global_state)
-        if run.test_domain is not None:
-            return evaluate_domains(run, lambda d: run.ctx.model)
+        if run.per_client:  # the global model on each client's own test split
+            def global_model(client: int) -> torch.nn.Module:
+                run.ctx.model.load_state_dict(global_state)  # afresh for each client: adaptation changes it
+                return run.ctx.model
+            return evaluate_clients(run, global_model)
         acc, loss = evaluate(run.ctx.model, run.x_test, run.y_test)
         return {"test_accuracy": acc, "test_loss": loss}
 

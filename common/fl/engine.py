@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.data import Dataset
+from common.errors import SuiteError
 from common.fl.algorithms import Algorithm, State
 from common.segmentation import evaluate_segmentation, is_mask_target
 
@@ -73,36 +74,63 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / len(y), loss / len(y)
 
 
-def evaluate_domains(run: "FederatedRun", model_for_domain) -> dict:
-    """Test metrics per domain of a multi-domain dataset; `model_for_domain(d)` is the model that serves domain d
-    (the global model, or the own model of the client holding d). test_accuracy and test_loss are the means over
-    domains (each domain counts once, whatever its test size); domain_accuracy and domain_loss map each domain's
-    name to its value."""
-    structures = run.ctx.data.extra.get("structures")
-    if structures:
-        return evaluate_segmentation_domains(run, model_for_domain, tuple(structures))
-    accs, losses = {}, {}
-    for d, name in enumerate(run.ctx.data.domains):
-        mask = run.test_domain == d
-        accs[name], losses[name] = evaluate(model_for_domain(d), run.x_test[mask], run.y_test[mask])
-    return {"test_accuracy": float(np.mean(list(accs.values()))), "test_loss": float(np.mean(list(losses.values()))),
-            "domain_accuracy": accs, "domain_loss": losses}
+def evaluate_clients(run: "FederatedRun", model_for_client) -> dict:
+    """Per-client evaluation, the one mechanism behind personalised accuracy and FedBN's per-domain accuracy:
+    `model_for_client(k)` is the model that serves client k (the global model, or the client's own), evaluated on
+    client k's own test split (`FederatedRun.client_tests`: drawn from the test set with the client's training
+    label proportions, or on multi-domain data the test split of the client's domain; a domain held by no single
+    client is served by `model_for_client(None)`, which only the global model can). With `evaluation.adapt_steps`
+    the model first takes that many SGD steps (lr `evaluation.adapt_lr`) on batches of the client's training data
+    (Per-FedAvg's evaluation after one local step). test_accuracy and test_loss are the mean over clients
+    (`evaluation.weighting: clients`, the default: each client counts once; FedBN's mean over domains) or pooled over
+    every client's test samples (`samples`: pFedHN's code); client_accuracy lists each client's accuracy, and on
+    multi-domain data domain_accuracy and domain_loss map each client's domain name to its values. On segmentation
+    data (masks with named `structures`) a split's accuracy is its mean Dice over structures and its loss the Dice
+    loss (`common/segmentation.py`), and domain_dice, domain_hd95 and domain_hd95_undefined map each domain to its
+    per-structure values (a held-out site of a leave-one-site-out run is evaluated like the others)."""
+    structures = tuple(run.ctx.data.extra.get("structures", ()))
+    accs, losses, sizes, per_structure = [], [], [], []
+    for k, idx in enumerate(run.client_tests):
+        if len(idx) == 0:
+            accs.append(None)
+            losses.append(None)
+            sizes.append(0)
+            per_structure.append(None)
+            continue
+        client = run.unit_client[k]
+        model = model_for_client(client)
+        if run.adapt_steps:
+            if client is None:
+                raise SuiteError("evaluation.adapt_steps needs a client per test split")
+            model = run.adapt(model, client)
+        if structures:
+            m = evaluate_segmentation(model, run.x_test[idx], run.y_test[idx], structures)
+            a, l = float(np.mean(list(m["dice"].values()))), m["loss"]
+            per_structure.append(m)
+        else:
+            a, l = evaluate(model, run.x_test[idx], run.y_test[idx])
+        accs.append(a)
+        losses.append(l)
+        sizes.append(len(idx))
+    kept = [i for i, n in enumerate(sizes) if n]
+    if run.eval_weighting == "samples":
+        w = np.array([sizes[i] for i in kept], dtype=np.float64) / sum(sizes)
+        acc = float(np.sum(w * np.array([accs[i] for i in kept])))
+        loss = float(np.sum(w * np.array([losses[i] for i in kept])))
+    else:
+        acc, loss = float(np.mean([accs[i] for i in kept])), float(np.mean([losses[i] for i in kept]))
+    out = {"test_accuracy": acc, "test_loss": loss}
+    if run.test_domain is not None:
+        names = run.ctx.data.domains
+        out["domain_accuracy"] = dict(zip(names, accs))
+        out["domain_loss"] = dict(zip(names, losses))
+        if structures:
+            for field in ("dice", "hd95", "hd95_undefined"):
+                out[f"domain_{field}"] = {n: m[field] for n, m in zip(names, per_structure) if m is not None}
+    else:
+        out["client_accuracy"] = accs
+    return out
 
-
-def evaluate_segmentation_domains(run: "FederatedRun", model_for_domain, structures: tuple[str, ...]) -> dict:
-    """Per-site evaluation of a multi-site segmentation dataset: Dice and HD95 per structure on each site's test
-    images (domain_dice, domain_hd95: site -> structure -> value). test_accuracy is the mean Dice over sites and
-    structures, test_loss the mean Dice loss over sites. In a leave-one-site-out run the held-out site is
-    evaluated like the others (tables read its entry)."""
-    dice, hd, undefined, losses = {}, {}, {}, []
-    for d, name in enumerate(run.ctx.data.domains):
-        mask = run.test_domain == d
-        m = evaluate_segmentation(model_for_domain(d), run.x_test[mask], run.y_test[mask], structures)
-        dice[name], hd[name], undefined[name] = m["dice"], m["hd95"], m["hd95_undefined"]
-        losses.append(m["loss"])
-    return {"test_accuracy": float(np.mean([v for site in dice.values() for v in site.values()])),
-            "test_loss": float(np.mean(losses)), "domain_dice": dice, "domain_hd95": hd,
-            "domain_hd95_undefined": undefined}
 
 
 def minimise(losses, opt: torch.optim.Optimizer) -> tuple[float, int]:
@@ -142,6 +170,49 @@ class FederatedRun:
         self.x_test, self.y_test = ctx.data.test.x.to(dev), ctx.data.test.y.to(dev)
         domain = ctx.data.test.domain
         self.test_domain = None if domain is None else domain.to(dev)  # per-domain evaluation when present
+        ev = ctx.spec.get("evaluation", {})
+        # each client's model on its own test split (always on multi-domain data: FedBN's per-domain evaluation)
+        self.per_client = bool(ev.get("per_client", False)) or self.test_domain is not None
+        self.eval_weighting = ev.get("weighting", "clients")
+        self.adapt_steps, self.adapt_lr = ev.get("adapt_steps", 0), ev.get("adapt_lr", 0.0)
+        self._client_tests = None
+
+    @property
+    def client_tests(self) -> list[torch.Tensor]:
+        """The test split of each evaluation unit (indices into the test set, on the device), made once per run
+        from its seed. Without domains the units are the clients and each gets the test samples of its classes in
+        proportion to its training counts (`common.data.partition.client_test_split`). On multi-domain data the
+        units are the domains, each with its test samples, served by the client holding that domain
+        (`unit_client`; None when the partition does not give one client per domain, e.g. the pooled ceiling)."""
+        if self._client_tests is None:
+            from common.data.partition import client_test_split
+            from common.errors import SuiteError
+            from common.fl.personal import client_of_domain
+            data, parts = self.ctx.data, self.ctx.parts
+            if self.test_domain is not None:
+                try:
+                    self.unit_client = client_of_domain(data.train.domain, parts, len(data.domains))
+                except SuiteError as e:
+                    self.unit_client, self.unit_client_error = [None] * len(data.domains), str(e)
+                tests = [torch.nonzero(data.test.domain == d).flatten() for d in range(len(data.domains))]
+            else:
+                self.unit_client = list(range(len(parts)))
+                tests = client_test_split(data.train.y.cpu(), [p.cpu() for p in parts], data.test.y.cpu(),
+                                          sub_seed(self.seed, 0x7E57))
+            self._client_tests = [t.to(self.ctx.device) for t in tests]
+        return self._client_tests
+
+    def adapt(self, model: torch.nn.Module, client: int) -> torch.nn.Module:
+        """`adapt_steps` SGD steps (lr `adapt_lr`, no momentum) of `model` on batches of the client's training
+        data, drawn from a generator of their own (seed, evaluation round, client): training is not disturbed."""
+        r = len(self.ctx.history.rounds) if self.ctx.history is not None else 0
+        gen = torch.Generator().manual_seed(sub_seed(self.seed, r, client, 0xADA))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=self.adapt_lr)
+        model.train()
+        per_epoch = math.ceil(len(self.ctx.parts[client]) / self.batch_size)
+        batches = self.client_batches(client, math.ceil(self.adapt_steps / per_epoch), gen)
+        minimise((self.algo.local_loss(model, x, y) for x, y in itertools.islice(batches, self.adapt_steps)), opt)
+        return model
 
     def sample_clients(self, round_index: int) -> list[int]:
         n = len(self.ctx.parts)

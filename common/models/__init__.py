@@ -91,9 +91,10 @@ def resnet18(in_channels: int, num_classes: int, norm: str = "bn", width: int = 
 
 
 def cnn1d(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[int, ...] = (16, 16, 16),
-          input_size: int = 40) -> Classifier:
+          input_size: int = 40, hidden: tuple[int, ...] = ()) -> Classifier:
     """Small 1-D CNN for sequences such as mnist1d's 40-sample signals: 5-tap convolutions with stride 2 and ReLU,
-    each halving the length. Convolutions matter on mnist1d: its digits are shifted and sheared templates."""
+    each halving the length. Convolutions matter on mnist1d: its digits are shifted and sheared templates.
+    `hidden` adds fully connected layers with ReLU before the head (a LeNet-like 1-D network)."""
     if norm != "none":
         raise SuiteError(f"cnn1d has no normalisation layers; use norm 'none', not '{norm}'")
     layers: list[nn.Module] = []
@@ -102,7 +103,11 @@ def cnn1d(in_channels: int, num_classes: int, norm: str = "none", channels: tupl
         layers += [nn.Conv1d(cin, cout, 5, 2, 2), nn.ReLU()]
         cin, length = cout, (length + 1) // 2
     layers.append(nn.Flatten())
-    return Classifier(nn.Sequential(*layers), cin * length, num_classes)
+    width = cin * length
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return Classifier(nn.Sequential(*layers), width, num_classes)
 
 
 def cnn(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[int, int] = (8, 16),

@@ -1,0 +1,1 @@
+"""FedPer: Federated Learning with Personalization Layers (Arivazhagan et al., 2019)."""

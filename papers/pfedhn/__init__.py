@@ -1,0 +1,1 @@
+"""pFedHN: Personalized Federated Learning using Hypernetworks (Shamsian et al., ICML 2021)."""
