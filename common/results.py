@@ -25,6 +25,18 @@ def run_id(spec: dict) -> str:
     return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:12]
 
 
+# What legitimately differs between two runs of one spec: clocks, provenance, and where a run resumed.
+VOLATILE = frozenset({"started", "wall_time_s", "round_seconds", "train_seconds", "provenance", "resumed_at_rounds"})
+
+
+def repeatable_part(result):
+    """A result without its VOLATILE entries (at any depth): what two runs of one spec on one CPU instruction set
+    must agree on bit for bit."""
+    if isinstance(result, dict):
+        return {k: repeatable_part(v) for k, v in result.items() if k not in VOLATILE}
+    return result
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     """Readers never see a half-written file: write a temporary file in the same folder, then rename."""
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")

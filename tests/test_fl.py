@@ -9,6 +9,7 @@ from torch import nn
 from common.data import Dataset, Split
 from common.fl import FederatedRun, RunContext, get_algorithm
 from common.fl.algorithms import weighted_mean
+from common.fl.engine import sub_seed
 from common.models import Classifier
 
 
@@ -139,6 +140,70 @@ def test_run_is_bit_repeatable_and_seed_dependent():
 def test_training_improves_accuracy():
     hist, _ = run({"name": "fedavg"}, rounds=8, fraction=1.0, epochs=3)
     assert hist.test_accuracy[-1] > 0.6 > 1 / 3 + 0.1
+
+
+def plain_model():
+    """Without BatchNorm: a bias just before BatchNorm has no gradient, and Adam turns its rounding noise into steps."""
+    torch.manual_seed(0)
+    return Classifier(nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU()), 8, 3)
+
+
+def kept_adamw_ctx(keep=True, rounds=3):
+    """Centralised AdamW training on the tiny data, one epoch per round."""
+    ctx = make_ctx({"name": "centralised"}, rounds=rounds, fraction=1.0, epochs=1)
+    ctx.spec["training"].update(optimizer="adamw", lr=0.01, keep_optimizer=keep)
+    ctx.model = plain_model()
+    return ctx
+
+
+def test_kept_optimizer_is_one_adamw_over_all_rounds():
+    ctx = kept_adamw_ctx()
+    FederatedRun(ctx, get_algorithm({"name": "centralised"})).train(progress=False)
+    # independently: one AdamW over three epochs, each epoch's batch order the engine's for (seed, round, client 0)
+    model = plain_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)  # the engine's default decay
+    data = tiny_data()
+    model.train()
+    for r in range(3):
+        perm = torch.randperm(180, generator=torch.Generator().manual_seed(sub_seed(0, r, 0)))
+        for i in range(0, 180, 16):
+            b = perm[i:i + 16]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(data.train.x[b]), data.train.y[b]).backward()
+            opt.step()
+    assert all(torch.allclose(v, model.state_dict()[k], atol=1e-6) for k, v in ctx.model.state_dict().items())
+
+    restarted = kept_adamw_ctx(keep=False)
+    FederatedRun(restarted, get_algorithm({"name": "centralised"})).train(progress=False)
+    assert not torch.allclose(restarted.model.head.weight, ctx.model.head.weight, atol=1e-4)
+
+
+def test_kept_optimizer_state_resumes_from_a_checkpoint_bit_identical(tmp_path):
+    ref = kept_adamw_ctx(rounds=4)
+    FederatedRun(ref, get_algorithm({"name": "centralised"})).train(progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    ckpt = tmp_path / "run.pt"
+    ctx = kept_adamw_ctx(rounds=4)
+    interrupted = FederatedRun(ctx, get_algorithm({"name": "centralised"}))
+    evaluate_round = type(interrupted.algo).evaluate
+
+    def evaluate_then_crash(algo, run, state):
+        if len(ctx.history.rounds) == 2:
+            raise Interrupted  # after two rounds and their checkpoints
+        return evaluate_round(algo, run, state)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Interrupted):
+        mp.setattr(type(interrupted.algo), "evaluate", evaluate_then_crash)
+        interrupted.train(progress=False, checkpoint=ckpt)
+    assert torch.load(ckpt, weights_only=True)["next_round"] == 2
+
+    resumed = kept_adamw_ctx(rounds=4)
+    hist = FederatedRun(resumed, get_algorithm({"name": "centralised"})).train(progress=False, checkpoint=ckpt)
+    assert hist.resumed_at == [2]
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
 
 
 def test_client_sampling():

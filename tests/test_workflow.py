@@ -10,10 +10,9 @@ import pytest
 from common.train import execute
 from common.expected import EXPECTED_DIR, collect, cpu_set, diff, expected_path
 from common.experiments import known_papers, load_paper, paper_runs
+from common.results import repeatable_part
 
 REPO = Path(__file__).resolve().parent.parent
-# What legitimately differs between two identical runs: clocks.
-VOLATILE = {"started", "wall_time_s", "round_seconds", "train_seconds", "provenance"}
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -21,11 +20,6 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
            *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
 
-
-def strip(obj):
-    if isinstance(obj, dict):
-        return {k: strip(v) for k, v in obj.items() if k not in VOLATILE}
-    return obj
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +108,7 @@ def test_seeds_given_on_the_command_line_as_a_user_types_them(tmp_path):
 def test_smoke_results_are_bit_identical_across_two_builds(smoke_builds, paper):
     for rid in paper_runs(paper, "smoke"):
         a, b = (json.loads((d / "results" / "runs" / f"{rid}.json").read_text()) for d in smoke_builds)
-        assert strip(a) == strip(b), rid
+        assert repeatable_part(a) == repeatable_part(b), rid
     tables = [(d / "reports" / f"{paper}.md").read_text().split("## Provenance")[0] for d in smoke_builds]
     assert tables[0] == tables[1]
 

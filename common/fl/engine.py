@@ -164,6 +164,10 @@ class FederatedRun:
         self.local_steps = t.get("local_steps")  # None: local_epochs passes over the client's data
         self.lr_decay = t.get("lr_decay", 1.0)  # client lr of round r: lr * lr_decay**r (1: constant)
         self.optimizer = t.get("optimizer", "sgd")
+        # kept: each client's optimiser state (Adam's moments, momentum) carries over to its next round, so a
+        # centralised run of R rounds is one optimiser over R epochs; by default every round starts a new one
+        self.keep_optimizer = t.get("keep_optimizer", False)
+        self.client_optimizers: dict[int, dict] = {}  # client -> its optimiser's state after its last round
         self.seed = ctx.spec["seed"]
         dev = ctx.device
         self.x, self.y = ctx.data.train.x.to(dev), ctx.data.train.y.to(dev)
@@ -232,9 +236,10 @@ class FederatedRun:
                 yield x[b], y[b]
 
     def make_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-        """The local optimiser, new for every client and round: `training.optimizer` sgd (default; with momentum and
-        weight decay), adam, adamw or adafactor (torch's, e.g. prompt tuning's Adafactor at lr 0.3). Parameters whose
-        requires_grad is off (a frozen pretrained model) get no gradient and are never changed."""
+        """The local optimiser, new for every client and round (`training.keep_optimizer` then restores the client's
+        state into it): `training.optimizer` sgd (default; with momentum and weight decay), adam, adamw or adafactor
+        (torch's, e.g. prompt tuning's Adafactor at lr 0.3). Parameters whose requires_grad is off (a frozen
+        pretrained model) get no gradient and are never changed."""
         params = [p for p in model.parameters() if p.requires_grad]
         if self.optimizer == "adam":  # FedDG's local optimiser (Adam, betas 0.9/0.999)
             return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
@@ -251,6 +256,10 @@ class FederatedRun:
         lr = self.lr if self.lr_decay == 1.0 else self.lr * self.lr_decay ** round_index
         self.ctx.round_lr = lr  # for hooks whose maths depends on it (SCAFFOLD's control update in end_client)
         opt = self.make_optimizer(model, lr)
+        if client in self.client_optimizers:
+            opt.load_state_dict(self.client_optimizers[client])
+            for group in opt.param_groups:  # the state carries over, the round's learning rate applies
+                group["lr"] = lr
         model.train()
         # `local_steps` minibatch steps instead of `local_epochs` passes: the first batches of the round's
         # permutations of the client's data (data-parallel SGD: one step per round)
@@ -259,7 +268,10 @@ class FederatedRun:
         batches = self.client_batches(client, self.epochs if limit is None else math.ceil(limit / per_epoch), gen)
         if limit is not None:
             batches = itertools.islice(batches, limit)
-        return minimise((algo.local_loss(model, x, y) for x, y in batches), opt)
+        result = minimise((algo.local_loss(model, x, y) for x, y in batches), opt)
+        if self.keep_optimizer:
+            self.client_optimizers[client] = opt.state_dict()
+        return result
 
     def save_checkpoint(self, path: Path, next_round: int, global_state: State, hist: History) -> None:
         """Everything needed to continue after `next_round - 1`, as plain data (tensors, numbers, strings, lists,
@@ -279,7 +291,8 @@ class FederatedRun:
                 rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
             torch.save({"format": "paperbench-checkpoint/2", "torch": str(torch.__version__), "run": self.ctx.spec,
                         "next_round": next_round, "global_state": global_state,
-                        "algorithm": self.algo.checkpoint_state(), "history": history, "rng": rng}, tmp)
+                        "algorithm": self.algo.checkpoint_state(), "history": history, "rng": rng,
+                        "client_optimizers": self.client_optimizers}, tmp)
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
             tmp.unlink(missing_ok=True)
@@ -315,6 +328,7 @@ class FederatedRun:
             try:
                 hist = History(**ck["history"])
                 self.algo.restore_checkpoint_state(ck["algorithm"])
+                self.client_optimizers = ck.get("client_optimizers", {})
                 rng = ck.get("rng", {})  # absent in checkpoints of runs whose training draws nothing from it
                 if "cpu" in rng:
                     torch.set_rng_state(rng["cpu"].cpu())
@@ -325,6 +339,7 @@ class FederatedRun:
                 reason = f"does not fit this run's algorithm ({type(e).__name__}: {e})"
                 # the algorithm may be half restored: set it up afresh, leaving the global RNG as the first set-up
                 # left it (what the uninterrupted run continues from)
+                self.client_optimizers = {}
                 with torch.random.fork_rng(devices=[]):
                     self.algo.setup(self.ctx)
         print(f"warning: checkpoint {path} {reason}; ignoring it: the run starts again from round 0 (its result is "

@@ -32,7 +32,7 @@ def index_markdown(reports_dir: Path) -> str:
         paper = load_paper(name)
         path = reports_dir / f"{name}.json"
         if not path.is_file():
-            rows.append([f"{paper['title']} ({paper['venue']})", "—", "—", "—", "—", "—", "no report yet"])
+            rows.append([f"{paper['title']} ({paper['venue']})", "—", "—", "—", "—", "—", "—", "no report yet"])
             continue
         twin = read_twin(path)
         counts = {o: sum(c["outcome"] == o for c in twin["claims"]) for o in OUTCOMES}
@@ -41,8 +41,9 @@ def index_markdown(reports_dir: Path) -> str:
         prov = twin["provenance"]
         rows.append([f"{paper['title']} ({paper['venue']})", f"`{twin['scale']}`",
                      " ".join(f"{MARKS[o]} {counts[o]}" for o in OUTCOMES), str(len(twin["seeds"])),
-                     f"{prov['span_minutes']:.1f}", f"`{prov['commit'][:12]}{'-dirty' if prov['commit'].endswith('-dirty') else ''}`", f"[{name}.md]({name}.md)"])
-    header = ["paper", "scale", "claims on our numbers", "seeds", "build (min)", "commit", "report"]
+                     f"{prov['training_minutes']:.1f}", f"{prov['span_minutes']:.1f}",
+                     f"`{prov['commit'][:12]}{'-dirty' if prov['commit'].endswith('-dirty') else ''}`", f"[{name}.md]({name}.md)"])
+    header = ["paper", "scale", "claims on our numbers", "seeds", "training (CPU-min)", "span (min)", "commit", "report"]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join([
         "# Reports", "",
@@ -50,8 +51,11 @@ def index_markdown(reports_dir: Path) -> str:
         "(`reports/<paper>.json`); do not edit by hand.", "",
         f"Claims: {MARKS[HOLDS]} holds, {MARKS[INCONCLUSIVE]} inconclusive within seed noise, {MARKS[CONTRADICTED]} "
         f"contradicted, {MARKS[NOT_EVALUABLE]} not evaluable at the report's scale ({PROCEDURE}). At the `mini` scale "
-        "the numbers are analog numbers on offline data, not results on the papers' datasets. Build time: minutes "
-        "from the first run's start to the last run's end, with `-c 2` on a 2-core CPU.", "",
+        "the numbers are analog numbers on offline data, not results on the papers' datasets. Training: the sum of "
+        "the report's runs' wall times, each run on one core, so a fresh build with `-c 2` on an idle 2-core CPU "
+        "takes about half of it (plus a minute of start-up); span: minutes from the first run's start to the last "
+        "run's end when the committed report was built (longer on a loaded machine, shorter where the report "
+        "reused runs trained earlier for another report).", "",
         *table, "",
         "All reports: " + ", ".join(f"{MARKS[o]} {totals[o]}" for o in OUTCOMES) + ".", ""])
 
