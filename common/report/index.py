@@ -43,7 +43,7 @@ def index_markdown(reports_dir: Path) -> str:
                      " ".join(f"{MARKS[o]} {counts[o]}" for o in OUTCOMES), str(len(twin["seeds"])),
                      f"{prov['training_minutes']:.1f}", f"{prov['span_minutes']:.1f}",
                      f"`{prov['commit'][:12]}{'-dirty' if prov['commit'].endswith('-dirty') else ''}`", f"[{name}.md]({name}.md)"])
-    header = ["paper", "scale", "claims on our numbers", "seeds", "training (CPU-min)", "span (min)", "commit", "report"]
+    header = ["paper", "scale", "claims on our numbers", "seeds", "training (run-min)", "span (min)", "commit", "report"]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join([
         "# Reports", "",
@@ -53,7 +53,7 @@ def index_markdown(reports_dir: Path) -> str:
         f"contradicted, {MARKS[NOT_EVALUABLE]} not evaluable at the report's scale ({PROCEDURE}). At the `mini` scale "
         "the numbers are analog numbers on offline data, not results on the papers' datasets. Training: the sum of "
         "the report's runs' wall times, each run on one core, so a fresh build with `-c 2` on an idle 2-core CPU "
-        "takes about half of it (plus a minute of start-up); span: minutes from the first run's start to the last "
+        "takes about half of it (plus a minute of start-up; runs timed on a shared machine make it larger); span: minutes from the first run's start to the last "
         "run's end when the committed report was built (longer on a loaded machine, shorter where the report "
         "reused runs trained earlier for another report).", "",
         *table, "",
