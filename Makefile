@@ -21,7 +21,7 @@ report: venv
 test: venv
 	$(VENV)/bin/pytest
 
-# Refresh tests/expected/<this CPU's instruction set>/ after an intended change of smoke-scale numbers
+# Refresh tests/expected/<this CPU kind>/ (instruction set and model) after an intended change of smoke-scale numbers
 # (review the diff before committing).
 expected: venv
 	rm -rf build/smoke

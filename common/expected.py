@@ -3,11 +3,12 @@
 CI re-runs the smoke scale and compares every run's per-round metrics with the committed values; any change
 fails with one line per difference (paper, run, metric, round, expected, got). After an intended change:
 
-    make expected          # rebuilds the smoke results and rewrites tests/expected/<cpu>/<paper>.json
+    make expected          # rebuilds the smoke results and rewrites tests/expected/<cpu kind>/<paper>.json
 
-Values are kept per CPU instruction set (torch's CPU capability: avx2, avx512, ...): the vectorised kernels of
-each set round float32 sums differently, so the same seed gives the same numbers bit for bit only on CPUs of one
-set. On a set with no folder yet the check fails; `make expected` on such a machine records it.
+Values are kept per CPU kind: torch's instruction set (avx2, avx512, ...) and the CPU model, e.g. avx512-amd_epyc.
+The vectorised kernels of each set round float32 sums differently, and within one set oneDNN chooses convolution
+kernels and blockings by model, so the same seed gives the same numbers bit for bit only on CPUs of one kind. On a
+kind with no folder yet the check fails; `make expected` on such a machine records it.
 """
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ import sys
 from pathlib import Path
 
 from common.experiments import is_calibration, known_papers, paper_calibrations, paper_runs
-from common.results import REPO, cpu_set, write_json_atomic
+from common.results import REPO, cpu_kind, write_json_atomic
 
 EXPECTED_DIR = REPO / "tests" / "expected"
 COMPARED = ("test_accuracy", "test_loss", "train_loss")
 
 
 def expected_path(paper: str) -> Path:
-    """This machine's expected values of `paper`, under its CPU instruction set's folder."""
-    return EXPECTED_DIR / cpu_set() / f"{paper}.json"
+    """This machine's expected values of `paper`, under its CPU kind's folder."""
+    return EXPECTED_DIR / cpu_kind() / f"{paper}.json"
 
 
 def describe(spec: dict) -> str:

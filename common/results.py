@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -57,10 +58,28 @@ def git_commit() -> str:
 
 
 def cpu_set() -> str:
-    """The instruction set torch's CPU kernels use here ('avx2', 'avx512', ...): float32 results are bit-identical
-    across machines of one set and differ in the last digits between sets (their kernels sum in other orders)."""
+    """The instruction set torch's CPU kernels use here ('avx2', 'avx512', ...): float32 results differ in the last
+    digits between sets (their kernels sum in other orders)."""
     import torch
     return torch.backends.cpu.get_cpu_capability().lower().replace(" ", "_")
+
+
+def cpu_model() -> str:
+    """The CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) ...'; the machine type where the OS does not say)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_kind() -> str:
+    """Instruction set and CPU model, e.g. 'avx512-amd_epyc': runs of one seed agree bit for bit on one kind. The set
+    alone is not enough: oneDNN also picks its convolution kernels and blockings by model (cache sizes, AMX, ...)."""
+    return f"{cpu_set()}-" + re.sub(r"[^a-z0-9]+", "_", cpu_model().lower()).strip("_")
 
 
 def provenance(device: str, threads: int) -> dict:
@@ -82,6 +101,7 @@ def provenance(device: str, threads: int) -> dict:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_set": cpu_set(),
+        "cpu_model": cpu_model(),
         "device": dev,
         "threads": threads,
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.train import execute
-from common.expected import EXPECTED_DIR, collect, cpu_set, diff, expected_path
+from common.expected import EXPECTED_DIR, collect, cpu_kind, diff, expected_path
 from common.experiments import known_papers, load_paper, paper_runs
 from common.results import repeatable_part
 
@@ -59,6 +59,7 @@ def test_smoke_report_is_built_from_every_run(smoke_builds, paper):
 @pytest.mark.parametrize("paper", known_papers())
 def test_report_twin_agrees_with_the_markdown(smoke_builds, paper):
     """reports/<paper>.json carries the same verdicts and cell values as the markdown it was built with."""
+    from common.report.build import table_decimals
     from common.report.claims import MARKS
     d = smoke_builds[0]
     report = (d / "reports" / f"{paper}.md").read_text()
@@ -69,13 +70,14 @@ def test_report_twin_agrees_with_the_markdown(smoke_builds, paper):
         assert line.split("|")[-2].strip().startswith(f"{MARKS[claim['outcome']]} {claim['outcome']}: "), line
         assert line.split("|")[-3].strip() == MARKS[claim["paper_outcome"]]
     tables = report.split("## Claims")[0]
-    for table in twin["tables"].values():
+    for key, table in twin["tables"].items():
         ours = tables.split(table["title"])[1].split("**Ours")[1].split("\n\n_")[0]
+        decimals = table_decimals(load_paper(paper)["tables"][key])
         for cell in table["cells"]:
             v = cell["ours"]
             if v["mean"] is not None and not v["censored"]:
                 line = next(l for l in ours.splitlines() if l.startswith(f"| {cell['our_row']} |"))
-                assert f"{v['mean']:.0f}" in line or f"{v['mean']:.2f}" in line, (cell, line)
+                assert f"{v['mean']:.{decimals}f}" in line, (cell, line)
         for ceiling in table["ceilings"]:
             assert ceiling["analog"] in tables.split(table["title"])[1]
     assert set(twin["provenance"]["runs"]) == set(paper_runs(paper, "smoke"))
@@ -118,7 +120,7 @@ def test_smoke_results_are_bit_identical_across_two_builds(smoke_builds, paper):
 def test_smoke_metrics_match_the_committed_expected_values(smoke_builds, paper):
     """Any change of a smoke-scale number fails here; `make expected` refreshes after an intended change."""
     recorded = sorted(d.name for d in EXPECTED_DIR.iterdir() if d.is_dir())
-    assert expected_path(paper).exists(), (f"no expected smoke metrics for this CPU's instruction set ({cpu_set()}; "
+    assert expected_path(paper).exists(), (f"no expected smoke metrics for this CPU kind ({cpu_kind()}; "
                                            f"recorded: {', '.join(recorded)}): `make expected` records them")
     expected = json.loads(expected_path(paper).read_text())
     differences = diff(paper, expected, collect(paper, smoke_builds[0] / "results" / "runs"))
@@ -131,7 +133,8 @@ def test_another_seed_gives_other_numbers(smoke_builds, paper):
     rid, spec = sorted(paper_runs(paper, "smoke").items())[0]
     seed0 = json.loads((smoke_builds[0] / "results" / "runs" / f"{rid}.json").read_text())
     seed1 = execute({**spec, "seed": spec["seed"] + 1}, progress=False)
-    assert seed1["metrics"]["train_loss"] != seed0["metrics"]["train_loss"]
+    # every logged metric, not only the training loss: a baseline may train nothing (TDGAN's real-data segmenter)
+    assert repeatable_part(seed1["metrics"]) != repeatable_part(seed0["metrics"])
 
 
 @pytest.mark.slow

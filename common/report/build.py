@@ -64,7 +64,7 @@ def _lrs(spec: dict) -> str:
     return _g(spec["training"]["lr"]) + ("" if server is None else f" / {_g(server)}")
 
 
-def _decimals(table: dict) -> int:
+def table_decimals(table: dict) -> int:
     """Rounds are whole numbers; trainable shares go down to thousandths of a percent (the paper's "< 0.01%")."""
     if "decimals" in table:  # a table's own precision (e.g. L1 errors of a few hundredths)
         return table["decimals"]
@@ -277,7 +277,7 @@ class ReportBuilder:
     def table_section(self, table: str) -> str:
         t = self.paper["tables"][table]
         rows, cols = self.labels(table)
-        d = _decimals(t)
+        d = table_decimals(t)
         ours, theirs = self.ours(table), self.theirs(table)
         out = [f"## {t['title']}", "", f"Source: {t['source']}. Metric: {t['how']}", ""]
         out += ["**Paper**", "", _md_table([""] + cols, [[r] + [v.display(d) for v in row]
