@@ -4,8 +4,8 @@ Every image is an RGB 32x32 "retinal photograph" with one optic disc and the opt
 (disc, cup; the disc mask includes the cup, as in the FedDG authors' Fundus files):
 
 - content (the same recipe at every site): a round field of view on a black frame with vignetting, an orange-red
-  retina with smooth low-contrast texture; an elliptical optic disc (semi-axes 3.5-5.5 px, random position away
-  from the border, random orientation) brighter and yellower than the retina, with soft edges; the cup a nested
+  retina with smooth low-contrast texture; an elliptical optic disc (semi-axes 6-9 px, 11-25% of the image, as in
+  the authors' regions around the disc; random position away from the border, random orientation) brighter and yellower than the retina, with soft edges; the cup a nested
   ellipse (0.4-0.7 of the disc's axes, slightly offset) brighter still; 3-5 dark vessels (sinusoidal curves)
   through the disc, which partly cover it; pixel noise.
 - appearance, per site (the kind of shift FedDG targets, mostly LOW-FREQUENCY): a strong colour cast (per-channel
@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from common.data import Dataset, Split, cached, register
 
-RECIPE = "fundus4-v4"
+RECIPE = "fundus4-v5"
 SEED = 20210306
 SIZE = 32
 TRAIN_PER_SITE, TEST_PER_SITE = 48, 24
@@ -57,7 +57,7 @@ def render_content(rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarr
     texture = ndimage.gaussian_filter(rng.standard_normal((size, size)), 3) * 0.25
     img = retina * (1 + texture)
     # optic disc and cup
-    a, b = rng.uniform(7, 11, 2) * size / 64
+    a, b = rng.uniform(12, 18, 2) * size / 64
     theta = rng.uniform(0, np.pi)
     cx, cy = rng.uniform(0.3, 0.7, 2) * size
     rd = _ellipse(xx, yy, cx, cy, a, b, theta)
