@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from common.data import Dataset, Split, load_dataset
 from common.data.nuclei import CENTRES, ORGANS, ORGANS_DIR, generate
-from common.errors import DatasetCorrupt, DatasetMissing
+from common.errors import DatasetCorrupt, DatasetMissing, SuiteError
 from common.fl import FederatedRun, RunContext, get_algorithm
 from common.models import build_model
-from common.models.gan import PatchDiscriminator
-from papers.tdgan.method import gan_loss, reminding_loss
+from common.models.gan import VGG16_LAYERS, PatchDiscriminator, load_vgg16_features, perceptual_loss
+from papers.tdgan.method import gan_loss, reminding_loss, reminding_terms
 
 
 def test_generator_is_deterministic_per_seed_and_centres_differ():
@@ -84,13 +84,13 @@ def tiny_centres():
                    domains=tuple(c.name for c in CENTRES))
 
 
-def run_stages(method, rounds=3):
+def run_stages(method, rounds=3, data_root="data"):
     data = tiny_centres()
     parts = [(data.train.domain == k).nonzero().flatten() for k in range(3)]
     spec = {"method": method, "seed": 0, "training": {"rounds": rounds, "client_fraction": 1.0, "local_epochs": 2,
                                                       "batch_size": 6, "lr": 0.0002}}
     ctx = RunContext(spec=spec, data=data, parts=parts, model=small_generator(), make_model=small_generator,
-                     device=torch.device("cpu"), data_root="data")
+                     device=torch.device("cpu"), data_root=str(data_root))
     algo = get_algorithm(method)
     hist = FederatedRun(ctx, algo).train(progress=False)
     return hist, algo, ctx
@@ -148,3 +148,100 @@ def test_nuclei_organs_missing_or_damaged_files_are_one_clear_error(tmp_path):
         (folder / f"train_{organ}.h5").write_bytes(b"not an h5 file")
     with pytest.raises(DatasetCorrupt, match="train_liver.h5 is not a readable TDGAN nuclei file"):
         load_dataset("nuclei_organs", tmp_path)
+
+
+def vgg16_meta():
+    import torchvision
+    with torch.device("meta"):
+        return torchvision.models.vgg16(weights=None)
+
+
+def write_vgg16(path, seed=0):
+    """A random torchvision vgg16 state dict: every convolution of `features` (scaled so that activations stay of
+    order one) and the classifier's biases (its large weight matrices are left out to keep the file small)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in vgg16_meta().state_dict().items():
+        if k.startswith("features.") or k.endswith("bias"):
+            fan_in = v[0].numel() if v.dim() > 1 else 1
+            state[k] = torch.randn(v.shape, generator=gen) * (2 / fan_in) ** 0.5
+    torch.save(state, path)
+    return state
+
+
+def test_perceptual_features_are_torchvision_vgg16_frozen_in_eval_mode(tmp_path):
+    write_vgg16(tmp_path / "vgg.pth")
+    features = load_vgg16_features(tmp_path / "vgg.pth")
+    assert not features.training
+    features.train()  # stays in eval mode
+    assert not features.training and all(not p.requires_grad for p in features.parameters())
+    out = features(torch.rand(2, 3, 16, 16))
+    assert [tuple(o.shape) for o in out] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
+    assert sorted(VGG16_LAYERS.values()) == ["relu1_2", "relu2_2", "relu3_3", "relu4_3"]
+
+
+def test_perceptual_loss_is_zero_for_identical_images_and_the_official_mse_otherwise(tmp_path):
+    state = write_vgg16(tmp_path / "vgg.pth", seed=1)
+    features = load_vgg16_features(tmp_path / "vgg.pth")
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    assert perceptual_loss(features, a, a).item() == 0.0
+    # by hand: torchvision's vgg16 with the same weights, activations after features[3], [8], [15], [22] (relu1_2,
+    # relu2_2, relu3_3, relu4_3), per layer the summed squared difference over the activation count, then / 4
+    reference = vgg16_meta()
+    reference.load_state_dict(state, strict=False, assign=True)
+
+    def activations(x):
+        out = []
+        for i in range(23):
+            x = reference.features[i](x)
+            if i in (3, 8, 15, 22):
+                out.append(x.clone())
+        return out
+    with torch.no_grad():
+        fa, fb = activations(a), activations(b)
+    expected = sum(((u - v) ** 2).sum() / u.numel() for u, v in zip(fa, fb)) / 4
+    got = perceptual_loss(features, a, b)
+    assert got.item() > 0 and torch.allclose(got, expected, rtol=1e-5)
+    # gradients reach the image only, never VGG-16's weights
+    image = a.clone().requires_grad_(True)
+    perceptual_loss(features, image, b).backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
+    assert all(p.grad is None for p in features.parameters())
+
+
+def test_missing_or_damaged_vgg16_weights_are_one_clear_error(tmp_path):
+    with pytest.raises(SuiteError, match=r"VGG-16 weights at .*nothere\.pth.*vgg16-397923af\.pth"):
+        load_vgg16_features(tmp_path / "nothere.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a state dict")
+    with pytest.raises(SuiteError, match="bad.pth is not a torchvision vgg16 state dict"):
+        load_vgg16_features(tmp_path / "bad.pth")
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "partial.pth")
+    with pytest.raises(SuiteError, match="partial.pth is not a torchvision vgg16 state dict"):
+        load_vgg16_features(tmp_path / "partial.pth")
+
+
+def test_reminding_perceptual_term_compares_with_the_previous_generator(tmp_path):
+    write_vgg16(tmp_path / "vgg.pth")
+    features = load_vgg16_features(tmp_path / "vgg.pth")
+    g, other = small_generator(), small_generator(seed=1)
+    maps = [(torch.rand(2, 1, 16, 16) > 0.7).float(), (torch.rand(3, 1, 16, 16) > 0.7).float()]
+    l1, perceptual = reminding_terms(g, other, maps, features)
+    assert torch.allclose(l1, reminding_loss(g, other, maps))
+    with torch.no_grad():
+        expected = sum(perceptual_loss(features, g(m), other(m)) for m in maps)
+    assert perceptual.item() > 0 and torch.allclose(perceptual, expected)
+    assert reminding_terms(g, copy.deepcopy(g), maps, features)[1].item() == 0.0
+    assert reminding_terms(g, other, maps)[1].item() == 0.0  # no features: no perceptual term
+
+
+def test_tdgan_with_the_perceptual_loss_trains_and_needs_the_weights_file(tmp_path):
+    write_vgg16(tmp_path / "vgg.pth")
+    with_p = {"name": "tdgan", "perceptual": 10, "reminding_perceptual": 10, "perceptual_weights": "vgg.pth", **SMALL}
+    hist, algo, _ = run_stages(with_p, rounds=2, data_root=tmp_path)
+    plain, _, _ = run_stages({"name": "tdgan", **SMALL}, rounds=2, data_root=tmp_path)
+    assert algo.vgg is not None and all(np.isfinite(hist.train_loss))
+    assert hist.extra["centre_l1"][0] != plain.extra["centre_l1"][0]  # the digesting term acts from stage 1
+    assert "vgg" not in algo.checkpoint_state()["attributes"]
+    with pytest.raises(SuiteError, match="missing.pth"):
+        run_stages({**with_p, "perceptual_weights": "missing.pth"}, rounds=1, data_root=tmp_path)

@@ -136,29 +136,50 @@ def missing_files(name: str, root: Path) -> list[str]:
     return [str(p) for p in (root / ORGANS_DIR / f"train_{o}.h5" for o in ORGANS) if not p.is_file()]
 
 
-def _read_organ(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, H, W, 3) uint8, masks (N, H, W) bool) of one official h5 file: groups images/<name> and
-    labels/<name> (under a group `train` where present), in sorted name order."""
+def read_pairs(path: Path, what: str, howto: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, images (N, H, W, 3) uint8, label maps (N, H, W) as stored) of an h5 file of the official TDGAN
+    code: datasets images/<name> and labels/<name> (under a group `train` where present), in sorted name order. An
+    alpha channel is dropped and a label map with a channel axis is reduced to its first channel (as the official
+    loaders' PIL conversions do). `what` and `howto` name the file's kind and how to build it in errors."""
     import h5py
     try:
         with h5py.File(path, "r") as f:
             db = f["train"] if "train" in f else f
             names = sorted(db["images"].keys())
             images = np.stack([db["images"][k][()] for k in names])
-            masks = np.stack([db["labels"][k][()] for k in names]) > 0
+            labels = np.stack([db["labels"][k][()] for k in names])
     except (OSError, KeyError, ValueError) as e:
-        raise DatasetCorrupt(f"{path} is not a readable TDGAN nuclei file ({type(e).__name__}: {e}); it needs "
-                             f"groups images/<name> and labels/<name> of equal-sized images. {ORGANS_HOWTO}.") from None
-    if images.ndim != 4 or images.shape[-1] != 3 or masks.shape != images.shape[:3]:
+        raise DatasetCorrupt(f"{path} is not a readable {what} file ({type(e).__name__}: {e}); it needs "
+                             f"groups images/<name> and labels/<name> of equal-sized images. {howto}.") from None
+    if images.ndim == 4 and images.shape[-1] == 4:
+        images = images[..., :3]
+    if labels.ndim == 4:
+        labels = labels[..., 0]
+    if images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:3]:
         raise DatasetCorrupt(f"{path}: expected RGB images (N, H, W, 3) and label maps (N, H, W), got "
-                             f"{images.shape} and {masks.shape}")
-    return images, masks
+                             f"{images.shape} and {labels.shape}")
+    return names, images, labels
+
+
+def source_of(name: str) -> str:
+    """The image or patient a sample was cut from: its name without a trailing `_<number>` (the official h5 files
+    name MoNuSeg patches `<image>_<patch>` and BraTS slices `<patient>_<slice>`)."""
+    stem, _, tail = name.rpartition("_")
+    return stem if stem and tail.isdigit() else name
+
+
+def held_out(names: list[str], fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean test mask over `names`: a seeded `fraction` (at least one) of their sources (`source_of`), all
+    samples of a source on the same side, so overlapping patches and neighbouring slices never straddle the split."""
+    sources = sorted({source_of(n) for n in names})
+    chosen = {sources[i] for i in rng.permutation(len(sources))[:max(1, round(fraction * len(sources)))]}
+    return np.array([source_of(n) in chosen for n in names], dtype=bool)
 
 
 @register("nuclei_organs")
 def nuclei_organs(data_root) -> Dataset:
     """The four organs' nuclei images and label maps (one domain per organ, in the order of the official scripts);
-    a fixed, seeded 20% of each organ's images is the test split."""
+    the patches of a fixed, seeded 20% of each organ's MoNuSeg images are the test split."""
     root = Path(data_root)
     missing = missing_files("nuclei_organs", root)
     if missing:
@@ -167,9 +188,9 @@ def nuclei_organs(data_root) -> Dataset:
     xs, ys, ds_, test = [], [], [], []
     rng = np.random.default_rng(ORGANS_SPLIT_SEED)
     for k, organ in enumerate(ORGANS):
-        images, masks = _read_organ(root / ORGANS_DIR / f"train_{organ}.h5")
-        is_test = np.zeros(len(images), bool)
-        is_test[rng.permutation(len(images))[:max(1, round(ORGANS_TEST_FRACTION * len(images)))]] = True
+        names, images, labels = read_pairs(root / ORGANS_DIR / f"train_{organ}.h5", "TDGAN nuclei", ORGANS_HOWTO)
+        masks = labels > 0
+        is_test = held_out(names, ORGANS_TEST_FRACTION, rng)
         xs.append(torch.tensor(images).permute(0, 3, 1, 2).float() / 255)
         ys.append(torch.tensor(masks, dtype=torch.float32).unsqueeze(1))
         ds_.append(torch.full((len(images),), k))

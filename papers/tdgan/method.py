@@ -7,15 +7,20 @@ discarded when the stage ends. The generator minimises the digesting loss on the
 second stage on, the reminding loss on the label maps of the centres visited before (label maps, unlike images,
 are available to the generator, as in the paper and its predecessor AsynDGAN):
 
-    L_G = lambda_G * [ GAN(D_t(s, G(s))) + lambda_L1 * |G(s) - x|_1                                 (digesting)
-                       + lambda_rem * sum_{i < t} |G(s_i) - G_{t-1}(s_i)|_1 ]                       (reminding)
+    L_G = lambda_G * [ GAN(D_t(s, G(s))) + lambda_L1 * |G(s) - x|_1 + lambda_P * P(G(s), x)           (digesting)
+                       + sum_{i < t} ( lambda_rem * |G(s_i) - G_{t-1}(s_i)|_1
+                                       + lambda_remP * P(G(s_i), G_{t-1}(s_i)) ) ]                    (reminding)
     L_D = lambda_D * [ GAN(D_t(s, x)) = real + GAN(D_t(s, G(s))) = fake ]
 
-with GAN the binary cross-entropy on the patch logits (pix2pix's `vanilla` mode) and G_{t-1} the generator as it
-left the previous stage, frozen. The official scripts' weights: lambda_L1 = 100, lambda_rem = 100, lambda_G = 0.1,
-lambda_D = 0.05; Adam (lr 2e-4, beta1 0.5) for both networks. Their perceptual terms (VGG-16 features, weight 10 in
-both losses) need ImageNet weights that the offline scales do not have: `perceptual` is 0 there (a listed
-deviation).
+with GAN the binary cross-entropy on the patch logits (pix2pix's `vanilla` mode), G_{t-1} the generator as it
+left the previous stage, frozen, and P the perceptual loss of the official `models/perception_loss.py`
+(`common.models.gan.perceptual_loss`): the mean squared difference of ImageNet VGG-16 activations after relu1_2,
+relu2_2, relu3_3 and relu4_3, averaged over the four layers, of images in [-1, 1] as they are (no ImageNet
+normalisation); VGG-16 is frozen and in eval mode. The official scripts' weights: lambda_L1 = 100, lambda_P = 10,
+lambda_rem = 100, lambda_remP = 10, lambda_G = 0.1, lambda_D = 0.05; Adam (lr 2e-4, beta1 0.5) for both networks.
+Parameters: `l1`, `perceptual`, `reminding`, `reminding_perceptual`; the VGG-16 weights are torchvision's vgg16
+state dict in the file `perceptual_weights` under data_root, read only when a perceptual weight is non-zero (the
+offline scales have no ImageNet weights: their perceptual weights are 0, a listed deviation).
 
 - `tdgan`: as above. `reminding: 0` is **sequential fine-tuning** (the generator forgets earlier centres); on a
   partition that pools every centre into one client it is **joint learning** (pix2pix on all the real data).
@@ -32,13 +37,14 @@ test label map (8-bit RGB) after every stage, for the report's figure.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from common.fl.algorithms import Algorithm, register_algorithm
 from common.fl.engine import sub_seed
-from common.models.gan import PatchDiscriminator
+from common.models.gan import VGG16_FILE, PatchDiscriminator, load_vgg16_features, perceptual_loss
 
 
 def to_tanh_range(x: torch.Tensor) -> torch.Tensor:
@@ -51,37 +57,53 @@ def gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(real)))
 
 
+def reminding_terms(generator: torch.nn.Module, previous: torch.nn.Module | None, earlier_maps: list[torch.Tensor],
+                    features: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1, perceptual) summed over earlier centres: the mean |G(s_i) - G_{t-1}(s_i)| and, with VGG-16 `features`,
+    the perceptual loss between G(s_i) and G_{t-1}(s_i), on a batch s_i of each one's label maps (the perceptual
+    term is 0 without `features`); both zero at the first stage (no earlier centre) and whenever G equals
+    G_{t-1}."""
+    l1, perceptual = torch.zeros(()), torch.zeros(())
+    if previous is None:
+        return l1, perceptual
+    for maps in earlier_maps:
+        with torch.no_grad():
+            target = previous(maps)
+        fake = generator(maps)
+        l1 = l1 + F.l1_loss(fake, target)
+        if features is not None:
+            perceptual = perceptual + perceptual_loss(features, fake, target)
+    return l1, perceptual
+
+
 def reminding_loss(generator: torch.nn.Module, previous: torch.nn.Module | None,
                    earlier_maps: list[torch.Tensor]) -> torch.Tensor:
     """sum over earlier centres of the mean |G(s_i) - G_{t-1}(s_i)| on a batch s_i of each one's label maps; zero
     at the first stage (no earlier centre) and whenever G equals G_{t-1}."""
-    loss = torch.zeros(())
-    if previous is None:
-        return loss
-    for maps in earlier_maps:
-        with torch.no_grad():
-            target = previous(maps)
-        loss = loss + F.l1_loss(generator(maps), target)
-    return loss
+    return reminding_terms(generator, previous, earlier_maps)[0]
 
 
 @register_algorithm("tdgan")
 class TDGAN(Algorithm):
-    transient = ("ctx", "server_opt", "server_params", "param_names")
+    transient = ("ctx", "server_opt", "server_params", "param_names", "vgg")
 
-    def __init__(self, reminding: float = 100.0, l1: float = 100.0, perceptual: float = 0.0, lambda_g: float = 0.1,
+    def __init__(self, reminding: float = 100.0, l1: float = 100.0, perceptual: float = 0.0,
+                 reminding_perceptual: float = 0.0, perceptual_weights: str = VGG16_FILE, lambda_g: float = 0.1,
                  lambda_d: float = 0.05, discriminator_width: int = 64, discriminator_layers: int = 3,
                  beta1: float = 0.5, segmenter: dict | None = None):
         super().__init__()
-        self.reminding, self.l1, self.perceptual = reminding, l1, perceptual
+        self.reminding, self.l1 = reminding, l1
+        self.perceptual, self.reminding_perceptual = perceptual or 0.0, reminding_perceptual or 0.0
+        self.perceptual_weights = perceptual_weights
         self.lambda_g, self.lambda_d = lambda_g, lambda_d
         self.d_width, self.d_layers, self.beta1 = discriminator_width, discriminator_layers, beta1
         self.segmenter = segmenter or {}
-        if perceptual:
-            raise NotImplementedError("the perceptual loss needs VGG-16 ImageNet weights; not available yet")
 
     def setup(self, ctx):
         super().setup(ctx)
+        self.vgg = None  # VGG-16 features of the perceptual loss, read from data_root only when it is used
+        if self.perceptual or self.reminding_perceptual:
+            self.vgg = load_vgg16_features(Path(ctx.data_root) / self.perceptual_weights).to(ctx.device)
         self.previous: dict | None = None  # the generator's state when the previous stage ended
         self.visited: list[int] = []  # clients (centres) of the stages so far
 
@@ -99,7 +121,7 @@ class TDGAN(Algorithm):
         opt_d = torch.optim.Adam(D.parameters(), lr=run.lr, betas=(self.beta1, 0.999))
         previous = None
         earlier = [c for c in self.visited if c != client]
-        if self.previous is not None and earlier and self.reminding:
+        if self.previous is not None and earlier and (self.reminding or self.reminding_perceptual):
             previous = copy.deepcopy(G)
             previous.load_state_dict(self.previous)
             previous.eval()
@@ -116,9 +138,15 @@ class TDGAN(Algorithm):
             opt_d.step()
             opt_g.zero_grad(set_to_none=True)
             loss_g = gan_loss(D(s, fake), True) + self.l1 * F.l1_loss(fake, real)
+            if self.perceptual:
+                loss_g = loss_g + self.perceptual * perceptual_loss(self.vgg, fake, real)
             if previous is not None:
                 batches = [m[torch.randint(len(m), (len(s),), generator=gen)] for m in maps_of.values()]
-                loss_g = loss_g + self.reminding * reminding_loss(G, previous, batches)
+                rem_l1, rem_perceptual = reminding_terms(G, previous, batches,
+                                                         self.vgg if self.reminding_perceptual else None)
+                loss_g = loss_g + self.reminding * rem_l1
+                if self.reminding_perceptual:
+                    loss_g = loss_g + self.reminding_perceptual * rem_perceptual
             (self.lambda_g * loss_g).backward()
             opt_g.step()
             total, steps = total + loss_g.item(), steps + 1
