@@ -172,3 +172,136 @@ def test_missing_paper_dataset_is_one_clear_error_naming_the_expected_folders(tm
     with pytest.raises(DatasetMissing) as e:
         load_dataset("mgif", tmp_path)
     assert "moving-gif/train/" in str(e.value) and "moving-gif/test/" in str(e.value)
+
+
+# --- the authors' VGG-19 perceptual pyramid (paper scale) ----------------------------------------------------------
+def vgg19_meta():
+    import torchvision
+    with torch.device("meta"):
+        return torchvision.models.vgg19(weights=None)
+
+
+@pytest.fixture(scope="module")
+def vgg19_file(tmp_path_factory):
+    """A random torchvision vgg19 state dict holding only the `features.*` entries up to conv5_1 (features 28, the
+    last before relu5_1), scaled so that activations stay of order one; (path, state)."""
+    gen = torch.Generator().manual_seed(5)
+    state = {}
+    for k, v in vgg19_meta().state_dict().items():
+        if k.startswith("features.") and int(k.split(".")[1]) <= 28:
+            fan_in = v[0].numel() if v.dim() > 1 else 1
+            state[k] = torch.randn(v.shape, generator=gen) * (2 / fan_in) ** 0.5
+    path = tmp_path_factory.mktemp("vgg19") / "vgg19-dcbb9e9d.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_vgg19_pyramid_features_are_the_authors_layers_frozen_in_eval_mode(vgg19_file):
+    from common.models.perceptual import VGG19_PYRAMID_LAYERS, load_vgg_features
+    features = load_vgg_features(vgg19_file[0], 19, tuple(VGG19_PYRAMID_LAYERS), normalize=True)
+    assert list(VGG19_PYRAMID_LAYERS.values()) == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+    assert len(features.layers) == 30  # truncated after relu5_1
+    features.train()
+    assert not features.training and all(not p.requires_grad for p in features.parameters())
+    out = features(torch.rand(2, 3, 32, 32))
+    assert [tuple(o.shape) for o in out] == [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8), (2, 512, 4, 4),
+                                             (2, 512, 2, 2)]
+    # each level of a 32x32 pyramid reaches the layers whose activation is not empty (relu5_1 needs 16 pixels)
+    assert [features.reachable(s, s) for s in (32, 16, 8, 4, 1)] == [5, 5, 4, 3, 1]
+
+
+def test_vgg19_perceptual_pyramid_equals_an_independent_computation(vgg19_file):
+    from papers.mraa.method import pyramid_perceptual
+    from common.models.perceptual import VGG19_PYRAMID_LAYERS, load_vgg_features
+    path, state = vgg19_file
+    features = load_vgg_features(path, 19, tuple(VGG19_PYRAMID_LAYERS), normalize=True)
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert pyramid_perceptual(features, a, a, weights).item() == 0.0
+    # by hand: torchvision's vgg19 with the same weights; ImageNet normalisation; activations after features[1], [6],
+    # [11], [20], [29]; pyramid levels as 2^k x 2^k block means; sum over levels and reachable layers of w * mean |.|
+    reference = vgg19_meta()
+    reference.load_state_dict(state, strict=False, assign=True)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def activations(x):
+        x, out = (x - mean) / std, []
+        for i in range(30):
+            if isinstance(reference.features[i], torch.nn.MaxPool2d) and min(x.shape[-2:]) < 2:
+                break  # deeper layers have an empty activation at this level
+            x = reference.features[i](x)
+            if i in (1, 6, 11, 20, 29):
+                out.append(x.clone())
+        return out
+
+    expected, terms = 0.0, 0
+    with torch.no_grad():
+        for k in range(4):  # scales 1, 1/2, 1/4, 1/8: 32, 16, 8, 4 pixels
+            fa = activations(torch.nn.functional.avg_pool2d(a, 2 ** k) if k else a)
+            fb = activations(torch.nn.functional.avg_pool2d(b, 2 ** k) if k else b)
+            expected += sum(w * (u - v).abs().mean() for w, u, v in zip(weights, fa, fb))
+            terms += len(fa)
+    assert terms == 5 + 5 + 4 + 3
+    got = pyramid_perceptual(features, a, b, weights)
+    assert got.item() > 0 and torch.allclose(got, expected, rtol=1e-5)
+    # gradients reach the generated frame only
+    image = a.clone().requires_grad_(True)
+    pyramid_perceptual(features, image, b, weights).backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
+    assert all(p.grad is None for p in features.parameters())
+
+
+def test_missing_or_damaged_vgg19_weights_are_one_clear_error(tmp_path):
+    from common.errors import SuiteError
+    from common.models.perceptual import VGG19_PYRAMID_LAYERS, load_vgg_features
+    with pytest.raises(SuiteError, match=r"VGG-19 weights at .*nothere\.pth.*vgg19-dcbb9e9d\.pth"):
+        load_vgg_features(tmp_path / "nothere.pth", 19, tuple(VGG19_PYRAMID_LAYERS), normalize=True)
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "partial.pth")
+    with pytest.raises(SuiteError, match="partial.pth is not a torchvision vgg19 state dict"):
+        load_vgg_features(tmp_path / "partial.pth", 19, tuple(VGG19_PYRAMID_LAYERS), normalize=True)
+
+
+def smoke_spec(**method):
+    return {"dataset": {"name": "articulated_smoke"}, "partition": {"clients": 1, "scheme": "iid"}, "seed": 0,
+            "method": {"name": "motion_transfer", "evaluator_steps": 5, **method},
+            "model": {"name": "motion_transfer", "regions": 3, "width": 4, "blocks": 2},
+            "training": {"batch_size": 4, "client_fraction": 1.0, "keep_optimizer": True, "local_epochs": 1,
+                         "local_steps": 1, "lr": 0.001, "optimizer": "adamw", "rounds": 1}}
+
+
+def test_mraa_trains_with_the_vgg19_pyramid_and_needs_its_weights_file(vgg19_file, tmp_path):
+    from common.errors import SuiteError
+    from common.train import execute
+    path = vgg19_file[0]
+    vgg = execute(smoke_spec(reconstruction="vgg19", perceptual=[10, 10, 10, 10, 10],
+                             perceptual_weights=path.name), data_root=str(path.parent), progress=False)
+    pixel = execute(smoke_spec(), data_root=str(path.parent), progress=False)
+    loss_vgg, loss_pixel = vgg["metrics"]["train_loss"][0], pixel["metrics"]["train_loss"][0]
+    assert vgg["status"] == "completed"
+    assert math.isfinite(loss_vgg) and loss_vgg != loss_pixel
+    with pytest.raises(SuiteError, match=r"VGG-19 weights at .*vgg19-dcbb9e9d\.pth"):
+        execute(smoke_spec(reconstruction="vgg19"), data_root=str(tmp_path), progress=False)
+
+
+def test_reconstruction_options_are_checked():
+    from common.errors import SuiteError
+    from papers.mraa.method import MotionTransferTraining
+    assert MotionTransferTraining(reconstruction="vgg19").perceptual == [10.0] * 5
+    assert MotionTransferTraining().perceptual == 10.0  # the pixel pyramid's weight per level, as before
+    with pytest.raises(SuiteError, match="unknown reconstruction 'vgg16'"):
+        MotionTransferTraining(reconstruction="vgg16")
+    with pytest.raises(SuiteError, match="a list of 5"):
+        MotionTransferTraining(reconstruction="vgg19", perceptual=[10, 10])
+    with pytest.raises(SuiteError, match="one weight per pyramid level"):
+        MotionTransferTraining(perceptual=[10, 10, 10, 10, 10])
+
+
+def test_paper_scale_uses_the_authors_perceptual_pyramid_and_the_offline_scales_do_not():
+    from common.experiments import paper_runs
+    for spec in paper_runs("mraa", "paper").values():
+        assert spec["method"] == {"name": "motion_transfer", "reconstruction": "vgg19",
+                                  "perceptual": [10, 10, 10, 10, 10], "perceptual_weights": "vgg19-dcbb9e9d.pth"}
+    for scale in ("mini", "smoke"):
+        assert all("reconstruction" not in spec["method"] for spec in paper_runs("mraa", scale).values())

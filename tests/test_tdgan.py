@@ -11,7 +11,8 @@ from common.data.nuclei import CENTRES, ORGANS, ORGANS_DIR, generate
 from common.errors import DatasetCorrupt, DatasetMissing, SuiteError
 from common.fl import FederatedRun, RunContext, get_algorithm
 from common.models import build_model
-from common.models.gan import VGG16_LAYERS, PatchDiscriminator, load_vgg16_features, perceptual_loss
+from common.models.gan import PatchDiscriminator
+from common.models.perceptual import VGG16_LAYERS, load_vgg16_features, perceptual_loss
 from papers.tdgan.method import gan_loss, reminding_loss, reminding_terms
 
 

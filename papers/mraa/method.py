@@ -6,8 +6,15 @@ keypoint baseline are its options (`affine`, `background`, `heatmap`), so one tr
 
 - Self-supervised reconstruction: per training video two frames, a source and a driving frame, drawn at random;
   the model animates the source with the driving frame's motion and is trained to reproduce the driving frame.
-  Reconstruction loss: L1 over an image pyramid (scales 1, 1/2, 1/4, 1/8, weight 10 each), standing in for the
-  authors' VGG-19 perceptual pyramid (no pretrained VGG offline).
+  Reconstruction loss (`reconstruction`): `pixel` (the offline scales): L1 over an image pyramid (scales 1, 1/2, 1/4,
+  1/8, weight `perceptual` = 10 each), standing in for the authors' perceptual pyramid (no pretrained VGG offline);
+  `vgg19` (paper scale): the authors' perceptual pyramid: at each level of the same pyramid, the L1 distance of
+  ImageNet VGG-19 activations after relu1_1, relu2_1, relu3_1, relu4_1 and relu5_1 (torchvision `features` 1, 6, 11,
+  20, 29) of the ImageNet-normalised generated and driving frames, the driving frame's detached, weighted per layer
+  by `perceptual` (the authors' [10, 10, 10, 10, 10]) and summed over layers and levels. VGG-19 is frozen, in eval
+  mode, its weights torchvision's `vgg19-dcbb9e9d.pth` read from the file `perceptual_weights` under data_root (a
+  missing file is one error saying where to get it). A level too small for a layer (relu5_1 needs 16 pixels: four
+  2x2 poolings) compares the layers it reaches.
 - Equivariance (the authors' weights 10 and 10): the driving frame under a random transform T (affine, sigma
   0.05, plus thin-plate-spline, sigma 0.005 on a 5x5 grid) must give regions whose centres map back through T
   (shift) and whose affines agree with T's Jacobian (affine): A_d^-1 J_T A_t = I, up to PCA's axis sign.
@@ -29,6 +36,7 @@ import hashlib
 import math
 import os
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +47,7 @@ from common.errors import SuiteError
 from common.fl.algorithms import Centralised, register_algorithm
 from common.fl.engine import sub_seed
 from common.models.motion import coordinate_grid, heatmap_moments, sign_fixed
+from common.models.perceptual import VGG19_FILE, VGG19_PYRAMID_LAYERS, load_vgg_features, perceptual_loss
 
 MKR_RADIUS = 0.125  # in [-1, 1] units: 2 pixels of a 32x32 frame
 EVALUATOR_SEED = 0xE7A1  # fixed: every run on a dataset is scored by the same evaluation network
@@ -83,12 +92,32 @@ class RandomTransform:
         return F.grid_sample(frame, grid, padding_mode="reflection", align_corners=False)
 
 
-def pyramid_l1(pred: torch.Tensor, target: torch.Tensor, scales=(1, 0.5, 0.25, 0.125), weight: float = 10.0):
+PYRAMID_SCALES = (1, 0.5, 0.25, 0.125)  # the authors' `scales`
+RECONSTRUCTIONS = ("pixel", "vgg19")
+
+
+def pyramid_level(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x` at one level of the image pyramid (area averaging; the authors blur with a Gaussian and subsample)."""
+    return x if scale == 1 else F.interpolate(x, scale_factor=scale, mode="area")
+
+
+def pyramid_l1(pred: torch.Tensor, target: torch.Tensor, scales=PYRAMID_SCALES, weight: float = 10.0):
     loss = 0.0
     for s in scales:
-        p = pred if s == 1 else F.interpolate(pred, scale_factor=s, mode="area")
-        t = target if s == 1 else F.interpolate(target, scale_factor=s, mode="area")
-        loss = loss + weight * (p - t).abs().mean()
+        loss = loss + weight * (pyramid_level(pred, s) - pyramid_level(target, s)).abs().mean()
+    return loss
+
+
+def pyramid_perceptual(features, pred: torch.Tensor, target: torch.Tensor, weights, scales=PYRAMID_SCALES):
+    """The authors' perceptual pyramid: over the levels of the image pyramid, the sum of weights[i] * mean |VGG_i(pred)
+    - VGG_i(target)| over `features`' layers (the target's activations without gradient). A level too small for a
+    layer (its activation would be empty) compares only the layers it reaches."""
+    loss = 0.0
+    for s in scales:
+        p, t = pyramid_level(pred, s), pyramid_level(target, s)
+        n = features.reachable(*p.shape[-2:])
+        if n:
+            loss = loss + perceptual_loss(features, p, t, distance="l1", weights=weights, count=n)
     return loss
 
 
@@ -197,12 +226,25 @@ def to_uint8_strip(frames: torch.Tensor) -> list:
 @register_algorithm("motion_transfer")
 class MotionTransferTraining(Centralised):
     """Self-supervised training of a `motion_transfer` model on videos (x: (N, 3, T, H, W))."""
-    transient = (*Centralised.transient, "evaluator")
+    transient = (*Centralised.transient, "evaluator", "vgg")
 
-    def __init__(self, perceptual: float = 10.0, equivariance_shift: float = 10.0, equivariance_affine: float = 10.0,
-                 sigma_affine: float = 0.05, sigma_tps: float = 0.005, points_tps: int = 5,
-                 evaluator_steps: int = 600, server_lr: float = 1.0):
+    def __init__(self, perceptual: float | list[float] = 10.0, equivariance_shift: float = 10.0,
+                 equivariance_affine: float = 10.0, sigma_affine: float = 0.05, sigma_tps: float = 0.005,
+                 points_tps: int = 5, evaluator_steps: int = 600, server_lr: float = 1.0,
+                 reconstruction: str = "pixel", perceptual_weights: str = VGG19_FILE):
         super().__init__(server_lr=server_lr)
+        if reconstruction not in RECONSTRUCTIONS:
+            raise SuiteError(f"method '{self.name}': unknown reconstruction '{reconstruction}'; "
+                             f"use one of {', '.join(RECONSTRUCTIONS)}")
+        layers = len(VGG19_PYRAMID_LAYERS)
+        if isinstance(perceptual, (list, tuple)):
+            if reconstruction != "vgg19" or len(perceptual) != layers:
+                raise SuiteError(f"method '{self.name}': perceptual is one weight per pyramid level, or with "
+                                 f"reconstruction vgg19 a list of {layers} (one per VGG-19 layer); got {perceptual}")
+            perceptual = [float(w) for w in perceptual]
+        elif reconstruction == "vgg19":
+            perceptual = [float(perceptual)] * layers
+        self.reconstruction, self.perceptual_weights = reconstruction, perceptual_weights
         self.perceptual, self.eq_shift, self.eq_affine = perceptual, equivariance_shift, equivariance_affine
         self.transform = {"sigma_affine": sigma_affine, "sigma_tps": sigma_tps, "points_tps": points_tps}
         self.evaluator_steps = evaluator_steps
@@ -213,7 +255,17 @@ class MotionTransferTraining(Centralised):
         if not hasattr(ctx.model, "animate"):
             raise SuiteError(f"method '{self.name}' needs model motion_transfer, not '{ctx.spec['model']['name']}'")
         super().setup(ctx)
+        self.vgg = None  # VGG-19 features of the perceptual pyramid, read from data_root only when it is used
+        if self.reconstruction == "vgg19" and any(self.perceptual):
+            self.vgg = load_vgg_features(Path(ctx.data_root) / self.perceptual_weights, 19,
+                                         tuple(VGG19_PYRAMID_LAYERS), normalize=True).to(ctx.device)
         self.evaluator = train_evaluator(ctx.data, self.evaluator_steps).to(ctx.device)
+
+    def reconstruction_loss(self, prediction: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
+        """The pixel-L1 pyramid, or (`reconstruction: vgg19`) the authors' VGG-19 perceptual pyramid."""
+        if self.reconstruction == "vgg19":
+            return pyramid_perceptual(self.vgg, prediction, driving, self.perceptual) if self.vgg is not None else 0.0
+        return pyramid_l1(prediction, driving, weight=self.perceptual)
 
     def local_loss(self, model, x, y):
         b, _, t = x.shape[:3]
@@ -222,7 +274,7 @@ class MotionTransferTraining(Centralised):
         rows = torch.arange(b)
         source, driving = x[rows, :, i], x[rows, :, j]
         out = model.animate(source, driving)
-        loss = pyramid_l1(out["prediction"], driving, weight=self.perceptual)
+        loss = self.reconstruction_loss(out["prediction"], driving)
         if self.eq_shift or self.eq_affine:
             tr = RandomTransform(b, device=x.device, **self.transform)
             transformed = model.region_predictor(tr.transform_frame(driving))

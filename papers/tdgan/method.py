@@ -14,7 +14,7 @@ are available to the generator, as in the paper and its predecessor AsynDGAN):
 
 with GAN the binary cross-entropy on the patch logits (pix2pix's `vanilla` mode), G_{t-1} the generator as it
 left the previous stage, frozen, and P the perceptual loss of the official `models/perception_loss.py`
-(`common.models.gan.perceptual_loss`): the mean squared difference of ImageNet VGG-16 activations after relu1_2,
+(`common.models.perceptual.perceptual_loss`): the mean squared difference of ImageNet VGG-16 activations after relu1_2,
 relu2_2, relu3_3 and relu4_3, averaged over the four layers, of images in [-1, 1] as they are (no ImageNet
 normalisation); VGG-16 is frozen and in eval mode. The official scripts' weights: lambda_L1 = 100, lambda_P = 10,
 lambda_rem = 100, lambda_remP = 10, lambda_G = 0.1, lambda_D = 0.05; Adam (lr 2e-4, beta1 0.5) for both networks.
@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from common.fl.algorithms import Algorithm, register_algorithm
 from common.fl.engine import sub_seed
-from common.models.gan import VGG16_FILE, PatchDiscriminator, load_vgg16_features, perceptual_loss
+from common.models.gan import PatchDiscriminator
+from common.models.perceptual import VGG16_FILE, load_vgg16_features, perceptual_loss
 
 
 def to_tanh_range(x: torch.Tensor) -> torch.Tensor:
