@@ -108,6 +108,16 @@ def test_stage_t_visits_centre_t_and_keeps_the_generator_it_leaves():
     assert len(hist.extra["centre_dice"][-1]) == 3 and len(hist.extra["generated"][-1]) == 3
 
 
+def test_local_gan_visits_only_its_centre_and_equals_the_first_stage_at_centre_zero():
+    local, algo, _ = run_stages({"name": "tdgan", "reminding": 0, "centre": 1, **SMALL}, rounds=2)
+    assert local.extra["clients"] == [[1], [1]] and algo.visited == [1]
+    first, _, _ = run_stages({"name": "tdgan", "reminding": 0, "centre": 0, **SMALL}, rounds=1)
+    tdgan, _, _ = run_stages({"name": "tdgan", **SMALL}, rounds=1)
+    assert first.extra["centre_l1"] == tdgan.extra["centre_l1"]  # centre 0's GAN is TDGAN's first stage
+    with pytest.raises(SuiteError, match="centre 3 does not exist"):
+        run_stages({"name": "tdgan", "centre": 3, **SMALL}, rounds=1)
+
+
 def test_reminding_changes_nothing_in_the_first_stage_and_everything_after():
     tdgan, _, _ = run_stages({"name": "tdgan", **SMALL})
     sequential, _, _ = run_stages({"name": "tdgan", "reminding": 0, **SMALL})

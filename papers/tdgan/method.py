@@ -24,6 +24,9 @@ offline scales have no ImageNet weights: their perceptual weights are 0, a liste
 
 - `tdgan`: as above. `reminding: 0` is **sequential fine-tuning** (the generator forgets earlier centres); on a
   partition that pools every centre into one client it is **joint learning** (pix2pix on all the real data).
+- `centre: k`: a **local GAN**, trained at centre k alone (its own data, one stage of the same length); the
+  segmenter still trains on its images of every centre's label maps, so the row shows what one centre's GAN
+  knows of the others' appearance.
 - `real_data`: no generator at all; the downstream segmenter trains on the real images of every centre: the upper
   bound of what synthetic data can give (this paper's ceiling).
 
@@ -42,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common.errors import SuiteError
 from common.fl.algorithms import Algorithm, register_algorithm
 from common.fl.engine import sub_seed
 from common.models.gan import PatchDiscriminator
@@ -91,8 +95,9 @@ class TDGAN(Algorithm):
     def __init__(self, reminding: float = 100.0, l1: float = 100.0, perceptual: float = 0.0,
                  reminding_perceptual: float = 0.0, perceptual_weights: str = VGG16_FILE, lambda_g: float = 0.1,
                  lambda_d: float = 0.05, discriminator_width: int = 64, discriminator_layers: int = 3,
-                 beta1: float = 0.5, segmenter: dict | None = None):
+                 beta1: float = 0.5, segmenter: dict | None = None, centre: int | None = None):
         super().__init__()
+        self.centre = centre  # a local GAN: every stage visits this centre only
         self.reminding, self.l1 = reminding, l1
         self.perceptual, self.reminding_perceptual = perceptual or 0.0, reminding_perceptual or 0.0
         self.perceptual_weights = perceptual_weights
@@ -110,7 +115,12 @@ class TDGAN(Algorithm):
 
     def clients_of_round(self, run, round_index: int) -> list[int]:
         """Stage t visits centre t (client t of a one-centre-per-client partition); a pooled partition (one client)
-        is visited every stage."""
+        is visited every stage; a local GAN (`centre`) only ever visits its own centre."""
+        if self.centre is not None:
+            if not 0 <= self.centre < len(run.ctx.parts):
+                raise SuiteError(f"tdgan: centre {self.centre} does not exist (the partition has "
+                                 f"{len(run.ctx.parts)} centres, numbered from 0)")
+            return [self.centre]
         return [round_index % len(run.ctx.parts)]
 
     def train_client(self, run, client: int, round_index: int) -> tuple[float, int]:
