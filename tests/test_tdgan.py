@@ -118,6 +118,19 @@ def test_local_gan_visits_only_its_centre_and_equals_the_first_stage_at_centre_z
         run_stages({"name": "tdgan", "centre": 3, **SMALL}, rounds=1)
 
 
+def test_label_code_gives_centre_k_of_k_the_grey_level_k_plus_1_over_k_and_changes_the_generator_input():
+    from papers.tdgan.method import coded
+    maps = torch.ones(3, 1, 2, 2)
+    assert torch.equal(coded(maps, torch.tensor([1 / 3, 2 / 3, 1.0]))[:, 0, 0, 0], torch.tensor([1 / 3, 2 / 3, 1.0]))
+    plain, _, ctx = run_stages({"name": "tdgan", **SMALL}, rounds=1)
+    algo = get_algorithm({"name": "tdgan", "label_code": True, **SMALL})
+    run = FederatedRun(ctx, algo)
+    expected = (ctx.data.train.domain.float() + 1) / 3
+    assert torch.equal(algo.train_codes(run), expected)
+    with_code, _, _ = run_stages({"name": "tdgan", "label_code": True, **SMALL}, rounds=1)
+    assert with_code.extra["centre_l1"] != plain.extra["centre_l1"]
+
+
 def test_reminding_changes_nothing_in_the_first_stage_and_everything_after():
     tdgan, _, _ = run_stages({"name": "tdgan", **SMALL})
     sequential, _, _ = run_stages({"name": "tdgan", "reminding": 0, **SMALL})
