@@ -131,6 +131,8 @@ def test_bad_parameters_are_clear_errors():
         get_algorithm({"name": "kd_fidelity", "extra": "gan"})
     with pytest.raises(SuiteError, match="teachers"):
         get_algorithm({"name": "kd_fidelity", "teachers": 0})
+    with pytest.raises(SuiteError, match="student_lr"):
+        get_algorithm({"name": "kd_fidelity", "student_lr": 0.0})
     from common.train import execute
     with pytest.raises(SuiteError, match="teacher_rounds"):
         execute(tiny_spec(rounds=2), progress=False)

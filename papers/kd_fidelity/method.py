@@ -67,7 +67,7 @@ class KDFidelity(Centralised):
 
     def __init__(self, teachers: int = 1, teacher_rounds: int = 10, temperature: float = 4.0, init: str = "random",
                  lam: float = 0.0, extra: str = "none", extra_size: int = 0, extra_seed: int = 1,
-                 noise_std: float = 0.1, server_lr: float = 1.0):
+                 noise_std: float = 0.1, student_lr: float | None = None, server_lr: float = 1.0):
         super().__init__(server_lr=server_lr)
         if teachers < 1:
             raise SuiteError(f"kd_fidelity: teachers must be at least 1, got {teachers}")
@@ -80,6 +80,9 @@ class KDFidelity(Centralised):
         self.teachers, self.teacher_rounds, self.temperature = teachers, teacher_rounds, temperature
         self.init, self.lam, self.extra = init, lam, extra
         self.extra_size, self.extra_seed, self.noise_std = extra_size, extra_seed, noise_std
+        if student_lr is not None and student_lr <= 0:
+            raise SuiteError(f"kd_fidelity: student_lr must be positive, got {student_lr}")
+        self.student_lr = student_lr  # None: training.lr, as the teachers
 
     # --- set-up -------------------------------------------------------------------------------------------------
     def setup(self, ctx):
@@ -135,7 +138,13 @@ class KDFidelity(Centralised):
         if self.training_student:
             self.load_teachers()
             self.batch_gen = torch.Generator().manual_seed(sub_seed(run.seed, round_index, 0xE1A))
-            return run.local_train(client, round_index - self.teacher_rounds)
+            lr = run.lr
+            if self.student_lr is not None:  # the student's own initial learning rate (same decay)
+                run.lr = self.student_lr
+            try:
+                return run.local_train(client, round_index - self.teacher_rounds)
+            finally:
+                run.lr = lr
         return run.local_train(client, round_index)
 
     def load_teachers(self) -> None:
