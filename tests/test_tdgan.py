@@ -13,7 +13,7 @@ from common.fl import FederatedRun, RunContext, get_algorithm
 from common.models import build_model
 from common.models.gan import PatchDiscriminator
 from common.models.perceptual import VGG16_LAYERS, load_vgg16_features, perceptual_loss
-from papers.tdgan.method import gan_loss, reminding_loss, reminding_terms
+from papers.tdgan.method import gan_loss, reminding_terms
 
 
 def test_generator_is_deterministic_per_seed_and_centres_differ():
@@ -61,11 +61,11 @@ def test_reminding_loss_is_zero_for_the_previous_generator_itself_and_the_l1_oth
     g = small_generator()
     maps = [(torch.rand(4, 1, 16, 16) > 0.7).float(), (torch.rand(3, 1, 16, 16) > 0.7).float()]
     same = copy.deepcopy(g)
-    assert reminding_loss(g, same, maps).item() == 0.0
-    assert reminding_loss(g, None, maps).item() == 0.0  # first stage: nothing to remember
+    assert reminding_terms(g, same, maps)[0].item() == 0.0
+    assert reminding_terms(g, None, maps)[0].item() == 0.0  # first stage: nothing to remember
     other = small_generator(seed=1)
     expected = sum(F.l1_loss(g(m), other(m)) for m in maps)
-    got = reminding_loss(g, other, maps)
+    got = reminding_terms(g, other, maps)[0]
     assert got.item() > 0 and torch.allclose(got, expected)
     got.backward()  # gradients reach the current generator only
     assert all(p.grad is None for p in other.parameters()) and any(p.grad is not None for p in g.parameters())
@@ -251,7 +251,7 @@ def test_reminding_perceptual_term_compares_with_the_previous_generator(tmp_path
     g, other = small_generator(), small_generator(seed=1)
     maps = [(torch.rand(2, 1, 16, 16) > 0.7).float(), (torch.rand(3, 1, 16, 16) > 0.7).float()]
     l1, perceptual = reminding_terms(g, other, maps, features)
-    assert torch.allclose(l1, reminding_loss(g, other, maps))
+    assert torch.allclose(l1, reminding_terms(g, other, maps)[0])
     with torch.no_grad():
         expected = sum(perceptual_loss(features, g(m), other(m)) for m in maps)
     assert perceptual.item() > 0 and torch.allclose(perceptual, expected)

@@ -86,12 +86,6 @@ def reminding_terms(generator: torch.nn.Module, previous: torch.nn.Module | None
     return l1, perceptual
 
 
-def reminding_loss(generator: torch.nn.Module, previous: torch.nn.Module | None,
-                   earlier_maps: list[torch.Tensor]) -> torch.Tensor:
-    """sum over earlier centres of the mean |G(s_i) - G_{t-1}(s_i)| on a batch s_i of each one's label maps; zero
-    at the first stage (no earlier centre) and whenever G equals G_{t-1}."""
-    return reminding_terms(generator, previous, earlier_maps)[0]
-
 
 @register_algorithm("tdgan")
 class TDGAN(Algorithm):
