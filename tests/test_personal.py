@@ -10,6 +10,7 @@ from torch import nn
 
 from common.data import Dataset, Split
 from common.data.partition import client_test_split, shards
+from common.errors import SuiteError
 from common.fl import FederatedRun, RunContext, get_algorithm
 from common.fl.algorithms import weighted_mean
 from common.fl.engine import sub_seed
@@ -323,3 +324,103 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, method):
     resumed = execute(spec, progress=False, checkpoint=ckpt)
     assert resumed["resumed_at_rounds"] == [2]
     assert repeatable_part(resumed) == repeatable_part(ref)
+
+
+# --- the ceiling of a personalised table: the pooled model, each client's predictions among its own classes ----------
+class Lookup(nn.Module):
+    """A 'model' with known logits: sample i (its input is the number i) gets row i of `table`."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.register_buffer("table", torch.tensor(table, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.table[x[:, 0].long()]
+
+
+# test labels and logits, 4 classes; client 0 trains on classes {0, 1}, client 1 on {2, 3}. Unrestricted, only the
+# samples 2, 6 and 8 are right; restricted to each client's classes, 0, 2, 3 (client 0) and 4, 6, 8, 9 (client 1).
+LOOKUP_Y = [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+LOOKUP_LOGITS = [[1, 0, 5, 0], [0, 2, 0, 0], [0, 3, 0, 0], [0, 1, 0, 4], [9, 0, 1, 0],
+                 [0, 0, 1, 2], [0, 0, 0, 1], [5, 0, 1, 0], [0, 0, 2, 3], [0, 7, 0, 1]]
+
+
+def lookup_run(evaluation):
+    y_train = torch.tensor([0, 1, 1, 0, 2, 3, 3, 2, 2])
+    data = Dataset("lookup", Split(torch.zeros(9, 1), y_train),
+                   Split(torch.arange(10, dtype=torch.float32)[:, None], torch.tensor(LOOKUP_Y)), 4)
+    parts = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])]
+    spec = {"method": {"name": "fedavg"}, "seed": 0, "evaluation": evaluation,
+            "training": {"rounds": 1, "client_fraction": 1.0, "local_epochs": 1, "batch_size": 4, "lr": 0.1}}
+    model = Lookup(LOOKUP_LOGITS)
+    ctx = RunContext(spec=spec, data=data, parts=parts, model=model, make_model=lambda: Lookup(LOOKUP_LOGITS),
+                     device=torch.device("cpu"), data_root="data")
+    return FederatedRun(ctx, get_algorithm(spec["method"])), model
+
+
+@pytest.mark.parametrize("weighting,expected", [("samples", 7 / 10), ("clients", (3 / 4 + 4 / 6) / 2)])
+def test_restricting_to_client_labels_equals_a_direct_computation(weighting, expected):
+    from common.fl.engine import evaluate_clients
+    run, model = lookup_run({"per_client": True, "weighting": weighting, "restrict_to_client_labels": True})
+    assert [t.tolist() for t in run.client_tests] == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    out = evaluate_clients(run, lambda k: model)
+    assert out["test_accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert out["client_accuracy"] == pytest.approx([3 / 4, 4 / 6], abs=1e-12)
+    # the loss: cross-entropy of the softmax over the client's own classes
+    logits, y = torch.tensor(LOOKUP_LOGITS, dtype=torch.float32), torch.tensor(LOOKUP_Y)
+    losses = [F.cross_entropy(logits[:4, :2], y[:4], reduction="sum").item() / 4,
+              F.cross_entropy(logits[4:, 2:], y[4:] - 2, reduction="sum").item() / 6]
+    want = np.mean(losses) if weighting == "clients" else (4 * losses[0] + 6 * losses[1]) / 10
+    assert out["test_loss"] == pytest.approx(want, rel=1e-6)
+    plain, _ = lookup_run({"per_client": True, "weighting": weighting})
+    unrestricted = 3 / 10 if weighting == "samples" else (1 / 4 + 2 / 6) / 2
+    assert evaluate_clients(plain, lambda k: model)["test_accuracy"] == pytest.approx(unrestricted, abs=1e-12)
+
+
+def test_restricting_to_client_labels_needs_per_client_evaluation():
+    with pytest.raises(SuiteError, match="needs per-client evaluation"):
+        lookup_run({"restrict_to_client_labels": True})
+
+
+def test_personalised_ceiling_trains_the_pooled_model_and_evaluates_it_on_each_clients_split():
+    """The centralised run that keeps the partition trains exactly the model of the pooled one-client run, and is
+    evaluated on the partition's clients, each among its own classes (checked against a direct computation)."""
+    evaluation = {"per_client": True, "weighting": "samples", "restrict_to_client_labels": True}
+    ceiling = make_run({"name": "centralised"}, evaluation, rounds=2)
+    original = list(ceiling.ctx.parts)
+    hist = ceiling.train(progress=False)
+    data = ceiling.ctx.data
+    pooled = make_run({"name": "centralised"}, {}, rounds=2)
+    pooled.ctx.parts[:] = [torch.arange(len(data.train.y))]  # the plain ceiling: one client holding everything
+    pooled.train(progress=False)
+    for key, value in ceiling.final_state.items():
+        assert torch.equal(value, pooled.final_state[key])
+    model = tiny_model()
+    model.load_state_dict(ceiling.final_state)
+    model.eval()
+    tests = client_test_split(data.train.y, original, data.test.y, seed=sub_seed(0, 0x7E57))
+    correct, total = 0, 0
+    with torch.no_grad():
+        for part, idx in zip(original, tests):
+            classes = sorted(set(data.train.y[part].tolist()))
+            pred = torch.tensor(classes)[model(data.test.x[idx])[:, classes].argmax(1)]
+            correct += (pred == data.test.y[idx]).sum().item()
+            total += len(idx)
+    assert total == len(data.test.y) and len(hist.extra["client_accuracy"][-1]) == 3
+    assert hist.test_accuracy[-1] == pytest.approx(correct / total, abs=1e-12)
+
+
+def test_personalised_tables_get_one_shared_ceiling_per_partition():
+    from common.experiments import load_paper, table_ceilings
+    pfedhn = table_ceilings(load_paper("pfedhn"), "table1", "mini")
+    assert [c.where for c in pfedhn] == ["10 clients", "50 clients"]
+    for c, clients in zip(pfedhn, (10, 50)):
+        spec = c.specs[0]
+        assert spec["method"] == {"name": "centralised"} and spec["training"]["rounds"] == 30
+        assert spec["partition"] == {"scheme": "shards", "clients": clients, "shards_per_client": 2}
+        assert spec["evaluation"] == {"per_client": True, "weighting": "samples", "restrict_to_client_labels": True}
+    # the same ceiling runs serve the three reports where their partitions coincide
+    (two, *_), = [table_ceilings(load_paper("fedper"), "skew", "mini")]
+    perfedavg = table_ceilings(load_paper("perfedavg"), "clients", "mini")
+    assert two.where == "2 classes" and two.run_ids == pfedhn[0].run_ids == perfedavg[0].run_ids
+    assert perfedavg[1].run_ids == pfedhn[1].run_ids
