@@ -14,7 +14,7 @@ from common.errors import SuiteError
 from common.fl import FederatedRun, RunContext, get_algorithm
 from common.fl.algorithms import weighted_mean
 from common.fl.engine import sub_seed
-from common.fl.personal import LGFedAvg, last_layers_keys
+from common.fl.personal import LGFedAvg, last_layers_keys, moreau_step
 from common.models import Classifier, build_model
 from common.results import repeatable_part
 from common.train import execute
@@ -297,7 +297,8 @@ def test_pfedhn_pc_keeps_the_head_on_the_client():
 
 # --- every method resumes bit-identically from a checkpoint ---------------------------------------------------------
 METHODS = [{"name": "fedper", "personal_layers": 2}, {"name": "lgfedavg"}, {"name": "perfedavg", "variant": "fo"},
-           {"name": "perfedavg", "variant": "hf"}, {"name": "pfedhn"}, {"name": "pfedhn", "personal_classifier": True}]
+           {"name": "perfedavg", "variant": "hf"}, {"name": "pfedhn"}, {"name": "pfedhn", "personal_classifier": True},
+           {"name": "pfedme", "K": 2}]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join(str(v) for v in m.values()))
@@ -424,3 +425,71 @@ def test_personalised_tables_get_one_shared_ceiling_per_partition():
     perfedavg = table_ceilings(load_paper("perfedavg"), "clients", "mini")
     assert two.where == "2 classes" and two.run_ids == pfedhn[0].run_ids == perfedavg[0].run_ids
     assert perfedavg[1].run_ids == pfedhn[1].run_ids
+
+
+# --- pFedMe ---------------------------------------------------------------------------------------------------------
+def test_moreau_step_is_gradient_descent_on_the_envelope_objective_and_converges_to_its_minimiser():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    anchor = [p.detach().clone() + 0.3 for p in model.parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
+    loss_fn = lambda m, a, b: F.cross_entropy(m(a), b)  # noqa: E731
+    moreau_step(model, loss_fn, x, y, anchor, personal_lr=0.1, lam=2.0, mu=0.01, steps=1)
+    probe = nn.Linear(3, 2)
+    with torch.no_grad():
+        for p, s in zip(probe.parameters(), start):
+            p.copy_(s)
+    grads = torch.autograd.grad(loss_fn(probe, x, y), list(probe.parameters()))
+    for p, s, g, w in zip(model.parameters(), start, grads, anchor):
+        torch.testing.assert_close(p, s - 0.1 * (g + 2.0 * (s - w) + 0.01 * s))
+    # many steps: θ is the minimiser of f(θ) + λ/2 ||θ - w||^2 + μ/2 ||θ||^2 (its gradient vanishes)
+    moreau_step(model, loss_fn, x, y, anchor, personal_lr=0.1, lam=2.0, mu=0.01, steps=3000)
+    grads = torch.autograd.grad(loss_fn(model, x, y), list(model.parameters()))
+    residual = max((g + 2.0 * (p - w) + 0.01 * p).abs().max().item()
+                   for p, g, w in zip(model.parameters(), grads, anchor))
+    assert residual < 1e-5
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_pfedme_round_equals_a_direct_computation(beta):
+    """One round of pFedMe: per client and batch, K Moreau steps on θ from where it is, then w <- w - lr λ (w - θ);
+    the server mixes the sample-weighted mean of the w_i into the global model with β; each client is evaluated with
+    its θ_i."""
+    method = {"name": "pfedme", "lam": 3.0, "K": 2, "personal_lr": 0.05, "mu": 0.001, "beta": beta}
+    run = make_run(method, {"per_client": True}, rounds=1, lr=0.1)
+    init = {k: v.clone() for k, v in run.ctx.model.state_dict().items()}
+    hist = run.train(progress=False)
+    thetas, ws = [], []
+    for k in range(3):
+        model = tiny_model()
+        model.load_state_dict(init)
+        w = [p.detach().clone() for p in model.parameters()]
+        gen = torch.Generator().manual_seed(sub_seed(0, 0, k))
+        for x, y in run.client_batches(k, 1, gen):
+            for _ in range(2):
+                grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+                with torch.no_grad():
+                    for p, g, a in zip(model.parameters(), grads, w):
+                        p.sub_(0.05 * (g + 3.0 * (p - a) + 0.001 * p))
+            with torch.no_grad():
+                for a, p in zip(w, model.parameters()):
+                    a.sub_(0.1 * 3.0 * (a - p))
+        thetas.append({k2: v.detach().clone() for k2, v in model.state_dict().items()})
+        ws.append(dict(zip([n for n, _ in model.named_parameters()], w)))
+    sizes = [len(p) for p in run.ctx.parts]
+    avg = weighted_mean(ws, sizes)
+    for name, value in run.final_state.items():
+        torch.testing.assert_close(value, (1 - beta) * init[name] + beta * avg[name], rtol=1e-5, atol=1e-6)
+    for k in range(3):
+        for name, value in thetas[k].items():
+            torch.testing.assert_close(run.algo.personal[k][name], value, rtol=1e-5, atol=1e-6)
+    tests = client_test_split(run.ctx.data.train.y, run.ctx.parts, run.ctx.data.test.y, seed=sub_seed(0, 0x7E57))
+    accs = []
+    for k, idx in enumerate(tests):
+        model = tiny_model()
+        model.load_state_dict(thetas[k])
+        model.eval()
+        with torch.no_grad():
+            accs.append((model(run.ctx.data.test.x[idx]).argmax(1) == run.ctx.data.test.y[idx]).double().mean().item())
+    assert hist.extra["client_accuracy"][-1] == pytest.approx(accs, abs=1e-12)
