@@ -286,7 +286,7 @@ class Ceiling(RunsAndMetric):
     eval_args: tuple
     specs: tuple  # one per seed
     cells: tuple
-    where: str = ""  # the partition of a per-client ceiling, named by its cells' column (e.g. "10 clients")
+    where: str = ""  # the partition of a per-client ceiling (e.g. "10 clients × 2 shards")
 
 
 def centralised_spec(specs: list[dict], ceiling: dict | None = None) -> dict:
@@ -327,6 +327,16 @@ def centralised_spec(specs: list[dict], ceiling: dict | None = None) -> dict:
     return spec
 
 
+def partition_label(partition: dict) -> str:
+    """A partition in words, e.g. "10 clients × 2 shards", "100 clients, Dirichlet α=0.1"."""
+    n, scheme = partition["clients"], partition["scheme"]
+    if scheme == "shards":
+        return f"{n} clients × {partition['shards_per_client']} shards"
+    if scheme == "dirichlet":
+        return f"{n} clients, Dirichlet α={partition['alpha']}"
+    return f"{n} clients, {scheme}"
+
+
 def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceiling]:
     """One ceiling per dataset analog (dataset and size, a per-domain partition, the metric's domain) of a table
     whose metric is an accuracy; none for other tables. In a rounds-to-target table the ceiling is read as its
@@ -354,11 +364,10 @@ def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceil
             group[1].append((r, c))
             group[2].extend(specs)
     out = []
-    columns = [col["label"] for col in t["columns"]]
     for eval_args, cells, specs in groups.values():
         spec = centralised_spec(specs, t.get("ceiling"))
         dataset = spec["dataset"]
-        where = ", ".join(dict.fromkeys(columns[c] for _, c in cells)) if per_client else ""
+        where = partition_label(spec["partition"]) if per_client else ""
         out.append(Ceiling(dataset["name"], dataset.get("train_limit"), eval_args,
                            tuple({**spec, "seed": s} for s in sorted({x["seed"] for x in specs})), tuple(cells),
                            where))

@@ -414,7 +414,7 @@ def test_personalised_ceiling_trains_the_pooled_model_and_evaluates_it_on_each_c
 def test_personalised_tables_get_one_shared_ceiling_per_partition():
     from common.experiments import load_paper, table_ceilings
     pfedhn = table_ceilings(load_paper("pfedhn"), "table1", "mini")
-    assert [c.where for c in pfedhn] == ["10 clients", "50 clients"]
+    assert [c.where for c in pfedhn] == ["10 clients × 2 shards", "50 clients × 2 shards"]
     for c, clients in zip(pfedhn, (10, 50)):
         spec = c.specs[0]
         assert spec["method"] == {"name": "centralised"} and spec["training"]["rounds"] == 30
@@ -423,7 +423,7 @@ def test_personalised_tables_get_one_shared_ceiling_per_partition():
     # the same ceiling runs serve the three reports where their partitions coincide
     (two, *_), = [table_ceilings(load_paper("fedper"), "skew", "mini")]
     perfedavg = table_ceilings(load_paper("perfedavg"), "clients", "mini")
-    assert two.where == "2 classes" and two.run_ids == pfedhn[0].run_ids == perfedavg[0].run_ids
+    assert two.where == "10 clients × 2 shards" and two.run_ids == pfedhn[0].run_ids == perfedavg[0].run_ids
     assert perfedavg[1].run_ids == pfedhn[1].run_ids
 
 

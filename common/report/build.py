@@ -322,7 +322,8 @@ class ReportBuilder:
         what = "target accuracy (%)" if rounds else "best baseline a claim says is beaten"
         how = self.paper["tables"][table].get("ceiling", {})
         if how.get("per_client"):
-            evaluated = ("evaluated as the cells are: on each client's own test split of the column's partition" +
+            evaluated = ("evaluated as the cells are: on each client's own test split of its column's partition "
+                         "(one ceiling per partition)" +
                          (", its predictions restricted to the classes in that client's training data (an oracle "
                           "that knows each client's label set)" if how.get("restrict_to_client_labels") else "") +
                          ", combined over clients with the table's weighting, in %")
