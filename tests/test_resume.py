@@ -16,9 +16,43 @@ from common.results import repeatable_part
 REPO = Path(__file__).resolve().parent.parent
 
 
-
 def train_cmd(spec_path, out, ckpt):
     return [sys.executable, "-m", "common.train", str(spec_path), str(out), "--checkpoint", str(ckpt)]
+
+
+def kill_and_resume(tmp_path, spec: dict, kill_from: int, kill_before: int, timeout: float = 300):
+    """Train `spec` uninterrupted, then again killed with SIGKILL once its checkpoint has reached round `kill_from`
+    (and before `kill_before`) and restarted: (resumed result, reference result, round it resumed at)."""
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ref = subprocess.run(train_cmd(spec_path, tmp_path / "ref.json", tmp_path / "ref.pt"), env=env,
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    assert not (tmp_path / "ref.pt").exists()  # the checkpoint is removed once the result is written
+
+    out, ckpt = tmp_path / "run.json", tmp_path / "run.pt"
+    proc = subprocess.Popen(train_cmd(spec_path, out, ckpt), env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if ckpt.exists() and torch.load(ckpt, weights_only=False)["next_round"] >= kill_from:
+                break
+        except Exception:  # the checkpoint is being replaced
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed run must leave no results file"
+    killed_at = torch.load(ckpt, weights_only=False)["next_round"]
+    assert kill_from <= killed_at < kill_before, "the run should have been killed mid-training"
+
+    again = subprocess.run(train_cmd(spec_path, out, ckpt), env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    resumed = json.loads(out.read_text())
+    assert resumed["resumed_at_rounds"] == [killed_at]
+    return resumed, json.loads((tmp_path / "ref.json").read_text()), killed_at
 
 
 @pytest.mark.parametrize("row", ["FedAvgM, E=40", "FedDF, E=40"])
@@ -28,32 +62,21 @@ def test_sigkill_and_restart_resumes_bit_identical(tmp_path, row):
     r = [x["label"] for x in t["rows"]].index(row)
     spec = resolve_cell(paper, "table1", r, 3, "smoke").specs[0]
     spec = {**spec, "training": {**spec["training"], "rounds": 8}}
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    resumed, reference, _ = kill_and_resume(tmp_path, spec, kill_from=3, kill_before=8, timeout=120)
+    assert repeatable_part(resumed) == repeatable_part(reference)
 
-    # Uninterrupted reference.
-    ref = subprocess.run(train_cmd(spec_path, tmp_path / "ref.json", tmp_path / "ref.pt"), env=env,
-                         capture_output=True, text=True, cwd=tmp_path)
-    assert ref.returncode == 0, ref.stderr
-    assert not (tmp_path / "ref.pt").exists()  # the checkpoint is removed once the result is written
 
-    out, ckpt = tmp_path / "run.json", tmp_path / "run.pt"
-    proc = subprocess.Popen(train_cmd(spec_path, out, ckpt), env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if ckpt.exists() and torch.load(ckpt, weights_only=False)["next_round"] >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not out.exists(), "a killed run must leave no results file"
-    killed_at = torch.load(ckpt, weights_only=False)["next_round"]
-    assert 3 <= killed_at < 8, "the run should have been killed mid-training"
+CENTRAL = {"dataset": {"name": "mnist1d"}, "partition": {"scheme": "iid", "clients": 1},
+           "model": {"name": "cnn1d", "channels": [64, 64, 64]},
+           "training": {"rounds": 10, "client_fraction": 1.0, "local_epochs": 1, "batch_size": 32, "lr": 0.05,
+                        "momentum": 0.9, "weight_decay": 1e-4, "lr_decay": 0.9, "keep_optimizer": True}, "seed": 3}
 
-    again = subprocess.run(train_cmd(spec_path, out, ckpt), env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    resumed = json.loads(out.read_text())
-    assert resumed["resumed_at_rounds"] == [killed_at]
-    assert repeatable_part(resumed) == repeatable_part(json.loads((tmp_path / "ref.json").read_text()))
+
+@pytest.mark.parametrize("method", [{"name": "centralised"},
+                                    {"name": "kd_fidelity", "teachers": 2, "teacher_rounds": 4, "extra": "mixup"}])
+def test_centralised_run_killed_and_resumed_equals_uninterrupted(tmp_path, method):
+    """A centralised run (one client holding all the data), and KD fidelity's teachers-then-student run killed in
+    the student's rounds."""
+    resumed, reference, _ = kill_and_resume(tmp_path, {**CENTRAL, "method": method}, kill_from=6, kill_before=10)
+    assert repeatable_part(resumed) == repeatable_part(reference)
+    assert resumed["provenance"] and resumed["data"]["fingerprint"] == reference["data"]["fingerprint"]

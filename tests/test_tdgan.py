@@ -108,6 +108,29 @@ def test_stage_t_visits_centre_t_and_keeps_the_generator_it_leaves():
     assert len(hist.extra["centre_dice"][-1]) == 3 and len(hist.extra["generated"][-1]) == 3
 
 
+def test_local_gan_visits_only_its_centre_and_equals_the_first_stage_at_centre_zero():
+    local, algo, _ = run_stages({"name": "tdgan", "reminding": 0, "centre": 1, **SMALL}, rounds=2)
+    assert local.extra["clients"] == [[1], [1]] and algo.visited == [1]
+    first, _, _ = run_stages({"name": "tdgan", "reminding": 0, "centre": 0, **SMALL}, rounds=1)
+    tdgan, _, _ = run_stages({"name": "tdgan", **SMALL}, rounds=1)
+    assert first.extra["centre_l1"] == tdgan.extra["centre_l1"]  # centre 0's GAN is TDGAN's first stage
+    with pytest.raises(SuiteError, match="centre 3 does not exist"):
+        run_stages({"name": "tdgan", "centre": 3, **SMALL}, rounds=1)
+
+
+def test_label_code_gives_centre_k_of_k_the_grey_level_k_plus_1_over_k_and_changes_the_generator_input():
+    from papers.tdgan.method import coded
+    maps = torch.ones(3, 1, 2, 2)
+    assert torch.equal(coded(maps, torch.tensor([1 / 3, 2 / 3, 1.0]))[:, 0, 0, 0], torch.tensor([1 / 3, 2 / 3, 1.0]))
+    plain, _, ctx = run_stages({"name": "tdgan", **SMALL}, rounds=1)
+    algo = get_algorithm({"name": "tdgan", "label_code": True, **SMALL})
+    run = FederatedRun(ctx, algo)
+    expected = (ctx.data.train.domain.float() + 1) / 3
+    assert torch.equal(algo.train_codes(run), expected)
+    with_code, _, _ = run_stages({"name": "tdgan", "label_code": True, **SMALL}, rounds=1)
+    assert with_code.extra["centre_l1"] != plain.extra["centre_l1"]
+
+
 def test_reminding_changes_nothing_in_the_first_stage_and_everything_after():
     tdgan, _, _ = run_stages({"name": "tdgan", **SMALL})
     sequential, _, _ = run_stages({"name": "tdgan", "reminding": 0, **SMALL})

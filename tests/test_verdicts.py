@@ -219,6 +219,8 @@ def test_every_claim_holds_on_the_papers_own_numbers(paper):
     def compared(chk):  # the rows/columns a check names
         names = {x for pair in chk.get("pairs", []) for x in pair}
         names |= {chk[k] for k in ("than", "column", "row") if k in chk} | set(chk.get("rows", []))
+        if chk.get("kind") == "at_most":  # a bound on the listed columns' cells: those are what it compares
+            names |= set(chk.get("columns", []))
         return names.union(*(compared(c) for c in chk.get("checks", [])))
     for claim in p["claims"]:
         t = p["tables"][claim["check"]["table"]]

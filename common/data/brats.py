@@ -19,8 +19,8 @@ Label maps here are float 0/1 masks with two structures (common/segmentation.py)
 of the first centre, the whole tumour of the others; the structure the downstream segmenter is scored on) and
 "brain outline" (empty for the nuclei centre). The official loaders instead write both into one grey map whose
 intensity codes the task (nuclei 1/3, T2 2/3 of 255, T1 255), so their generator knows which centre's appearance a
-map calls for; 0/1 masks carry no such code (see papers/tdgan/README.md). The BraTS slices are zero-padded to the
-nuclei patches' size (240 -> 256; the official loader resizes every image to 286 and crops 256). Per centre, the
+map calls for; TDGAN's `label_code` multiplies the 0/1 masks by the same levels (papers/tdgan/method.py). The BraTS
+slices are zero-padded to the nuclei patches' size (240 -> 256; the official loader resizes every image to 286 and crops 256). Per centre, the
 samples of a fixed, seeded 20% of the sources (MoNuSeg images, BraTS patients) are the test split.
 """
 from __future__ import annotations

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data import Dataset, Split, cached, register
+from common.errors import SuiteError
 
 # A fixed split seed: the test set is a property of the dataset, identical for every run and every paper.
 SPLIT_SEED = 20240601
@@ -61,6 +62,30 @@ def digits28(_: Path) -> Dataset:
     tr, te = _stratified_split(y.numpy(), test_per_class=30)
     return Dataset("digits28", Split(x[tr], y[tr]), Split(x[te], y[te]), 10,
                    "scikit-learn 8x8 digits upscaled to 28x28 (20x20 box, as MNIST): 1,497 train / 300 test")
+
+
+def mnist1d_unlabelled(n: int, seed: int = 1) -> torch.Tensor:
+    """`n` further mnist1d signals (n, 1, 40) from the package's generator with its default arguments and another
+    seed (the dataset itself is seed 42): new inputs from the same distribution, for use without their labels, e.g.
+    as extra distillation data (the analog of the GAN samples of Stanton et al. 2021). Seed 42 is refused."""
+    if seed == 42:
+        raise SuiteError("mnist1d_unlabelled: seed 42 generates the dataset's own signals; use another seed")
+
+    def build():
+        import random
+
+        from mnist1d.data import get_dataset_args, make_dataset
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            args = get_dataset_args()
+            args.num_samples, args.seed, args.train_split = n, seed, 1.0
+            d = make_dataset(args)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        x = np.concatenate([d["x"], d["x_test"]]) if len(d["x_test"]) else d["x"]
+        return {"x": torch.as_tensor(x[:n])}
+    return cached("mnist1d_unlabelled", "mnist1d", build, key=f"n{n}-seed{seed}")["x"].float().unsqueeze(1).contiguous()
 
 
 @register("mnist1d")

@@ -262,16 +262,17 @@ class FederatedRun:
         rng = np.random.default_rng(sub_seed(self.seed, round_index, 0xC11E))
         return sorted(rng.choice(n, size=m, replace=False).tolist())
 
-    def client_batches(self, client: int, epochs: int, generator: torch.Generator):
+    def client_batches(self, client: int, epochs: int, generator: torch.Generator, also: tuple = ()):
         """The client's data in minibatches of `batch_size`: `epochs` passes, each in a fresh permutation drawn from
-        `generator` when the pass begins."""
+        `generator` when the pass begins. `also`: further per-training-sample tensors, batched alongside (x, y)."""
         idx = self.ctx.parts[client].to(self.ctx.device)
         x, y = self.x[idx], self.y[idx]
+        extra = [t[idx] for t in also]
         for _ in range(epochs):
             perm = torch.randperm(len(y), generator=generator).to(self.ctx.device)
             for i in range(0, len(y), self.batch_size):
                 b = perm[i:i + self.batch_size]
-                yield x[b], y[b]
+                yield (x[b], y[b], *[t[b] for t in extra]) if extra else (x[b], y[b])
 
     def make_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         """The local optimiser, new for every client and round (`training.keep_optimizer` then restores the client's

@@ -211,6 +211,7 @@ def motion_transfer(**params):
 MODELS = {
     "resnet8": lambda **kw: resnet(8, **kw),
     "resnet20": lambda **kw: resnet(20, **kw),
+    "resnet56": lambda **kw: resnet(56, **kw),  # Stanton et al. (2021): CIFAR-100 teachers and students
     "resnet18": resnet18,
     "cnn": cnn,
     "cnn1d": cnn1d,

@@ -20,7 +20,7 @@ from common.experiments import (ACCURACY_METRICS, Cell, Ceiling, confirmation_na
 from common.report.claims import MARKS, PROCEDURE, Verdict, beaten_labels, check_claim
 from common.report.metrics import (CellValue, best_grid_point, cell_value, grid_point_values, paper_value,
                                    round_bytes, within_tolerance)
-from common.report.plots import accuracy_per_round, curves, grid_heatmaps, sample_grid, sample_texts, scaling
+from common.report.plots import accuracy_per_round, curves, grid_heatmaps, sample_grid, sample_texts, scaling, scatter
 from common.results import git_commit, read_result, run_id, write_json_atomic, write_text_atomic
 
 SCALE_NOTE = {
@@ -428,6 +428,9 @@ class ReportBuilder:
             if plot.get("kind") == "generated":
                 out += self._generated_plot(plot, figures_dir, report_dir)
                 continue
+            if plot.get("kind") == "scatter":
+                out += self._scatter_plot(plot, figures_dir, report_dir)
+                continue
             t = self.paper["tables"][plot["table"]]
             rows, cols = self.labels(plot["table"])
             panels = []
@@ -541,6 +544,33 @@ class ReportBuilder:
                 "Left: the paper's values; right: ours, mean over seeds with a band of ± one standard deviation, "
                 "each column labelled with the size of the model it ran. A row without a value in a column was not "
                 "run there (or the paper gives none).", ""]
+
+    def _scatter_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
+        """Each listed row of a table as a point in the plane of two of its columns (`column: [x, y]`, e.g. student
+        accuracy and agreement), the paper's values and ours side by side."""
+        table = plot["table"]
+        rows, cols = self.labels(table)
+        x_col, y_col = plot["column"]
+        i_x, i_y = cols.index(x_col), cols.index(y_col)
+
+        def points(grid, with_std: bool):
+            out = []
+            for label in plot["rows"]:
+                vx, vy = grid[rows.index(label)][i_x], grid[rows.index(label)][i_y]
+                if vx.available and vy.available:
+                    out.append((label, vx.mean, vy.mean, vx.std if with_std else None, vy.std if with_std else None))
+            return out
+
+        panels = [("Paper", points(self.theirs(table), False)),
+                  (f"Ours ({self.scale} scale)", points(self.ours(table), True))]
+        if not panels[1][1]:
+            return []
+        path = figures_dir / f"{self.name}_{plot['name']}.png"
+        scatter(panels, f"{plot['title']} — {self.scale} scale", path, x_col, y_col)
+        rel = Path(os.path.relpath(path, report_dir))
+        return [f"### {plot['title']}", "", f"![{plot['title']}]({rel.as_posix()})", "",
+                "Left: the paper's values (where it gives both); right: ours, mean over seeds with error bars of ± one "
+                "standard deviation.", ""]
 
     def _heatmap_plot(self, plot: dict, figures_dir: Path, report_dir: Path) -> list[str]:
         """A table with a grid of at most two axes: a heat map per cell, a figure row per column of the table."""

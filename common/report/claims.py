@@ -200,6 +200,35 @@ def ratio_at_least(values: Table, table_rows, table_cols, lower_is_better: bool,
     return _combine(comparisons)
 
 
+def column_better(values: Table, table_rows, table_cols, lower_is_better: bool, *, pairs, rows=None,
+                  strict: bool = True) -> Verdict:
+    """For every pair [a, b] of columns and every row: column a is better than column b in that row, paired by seed
+    (a table whose columns are metrics of the same runs, e.g. a student's accuracy above its teacher's)."""
+    comparisons = []
+    for a, b in pairs:
+        for r in rows or table_rows:
+            iv = paired_advantage(values, (r, a), (r, b), lower_is_better)
+            if iv is not None:
+                comparisons.append(_compare(f"{r}: {a} vs {b}", iv, directional(iv, strict)))
+    return _combine(comparisons)
+
+
+def at_most(values: Table, table_rows, table_cols, lower_is_better: bool, *, bound, rows=None,
+            columns=None) -> Verdict:
+    """Every listed cell lies below `bound`, in the table's units (e.g. "agreement stays far from 100%": at most
+    95%): per seed bound - value, whose interval must lie above 0."""
+    comparisons = []
+    for r in rows or table_rows:
+        for c in columns or table_cols:
+            if (r, c) not in values or not values[r, c]:
+                continue
+            v = values[r, c]
+            iv = interval([bound - v[s] for s in _seeds(v)], _exact(v))
+            if iv is not None:
+                comparisons.append(_compare(f"{bound:g} − {r}, {c}", iv, directional(iv)))
+    return _combine(comparisons)
+
+
 def _per_seed_mean_advantage(values: Table, pairs, columns, lower_is_better: bool) -> dict:
     """seed -> mean advantage of a over b over the pairs [a, b] and columns available for that seed."""
     per_seed: dict = {}
@@ -351,7 +380,8 @@ def less_sensitive_along(values: Table, table_rows, table_cols, lower_is_better:
 KINDS = {"better_in_every_cell": better_in_every_cell, "close_in_every_cell": close_in_every_cell,
          "advantage_grows": advantage_grows, "best_in_row": best_in_row, "worst_in_row": worst_in_row,
          "largest_advantage_at": largest_advantage_at, "best_of_rows_beats": best_of_rows_beats,
-         "less_sensitive_along": less_sensitive_along, "ratio_at_least": ratio_at_least}
+         "less_sensitive_along": less_sensitive_along, "ratio_at_least": ratio_at_least,
+         "column_better": column_better, "at_most": at_most}
 GRID_KINDS = {"less_sensitive_along"}  # kinds that read every grid point of a cell, not only the cell's best
 
 
@@ -383,7 +413,8 @@ def beaten_labels(check: dict, cols: list[str]) -> set[str]:
     columns of a best/worst-in-row claim. A table's headroom is measured from these."""
     if check["kind"] == "all_of":
         return set().union(*(beaten_labels(sub, cols) for sub in check["checks"]))
-    if check["kind"] in ("close_in_every_cell", "ratio_at_least"):  # "a ≈ b", "a >= f * b": nothing is beaten
+    if check["kind"] in ("close_in_every_cell", "ratio_at_least", "at_most"):  # "a ≈ b", "a >= f * b", "a <= x":
+        # nothing is beaten
         return set()
     out = {b for _, b in check.get("pairs", [])} | ({check["than"]} if "than" in check else set())
     if check["kind"] == "best_in_row":

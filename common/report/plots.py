@@ -183,3 +183,27 @@ def _save(fig, path: Path, tight: bool = True) -> None:
         raise write_failed(path, existed, e) from None
     finally:
         plt.close(fig)
+
+
+def scatter(panels, title: str, path: Path, x_label: str, y_label: str) -> None:
+    """One point per table row in the plane of two of its columns (Stanton et al. 2021's agreement against
+    accuracy), one panel per source: panels = [(panel title, [(row label, x, y, x std or None, y std or None),
+    ...]), ...]; error bars of ± one standard deviation where there are seeds."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.2), squeeze=False)
+    for ax, (name, points) in zip(axes[0], panels):
+        for k, (label, x, y, sx, sy) in enumerate(points):
+            if x is None or y is None:
+                continue
+            ax.errorbar([x], [y], xerr=None if sx is None else [sx], yerr=None if sy is None else [sy],
+                        marker=MARKERS[k % len(MARKERS)], ms=8, color=f"C{k}", label=label, capsize=3, lw=1.5)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(x_label)
+        ax.set_facecolor("#eaeaf2")
+        ax.grid(color="white", lw=1)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+    axes[0][0].set_ylabel(y_label)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

@@ -24,6 +24,9 @@ offline scales have no ImageNet weights: their perceptual weights are 0, a liste
 
 - `tdgan`: as above. `reminding: 0` is **sequential fine-tuning** (the generator forgets earlier centres); on a
   partition that pools every centre into one client it is **joint learning** (pix2pix on all the real data).
+- `centre: k`: a **local GAN**, trained at centre k alone (its own data, one stage of the same length); the
+  segmenter still trains on its images of every centre's label maps, so the row shows what one centre's GAN
+  knows of the others' appearance.
 - `real_data`: no generator at all; the downstream segmenter trains on the real images of every centre: the upper
   bound of what synthetic data can give (this paper's ceiling).
 
@@ -42,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common.errors import SuiteError
 from common.fl.algorithms import Algorithm, register_algorithm
 from common.fl.engine import sub_seed
 from common.models.gan import PatchDiscriminator
@@ -51,6 +55,11 @@ from common.models.perceptual import VGG16_FILE, load_vgg16_features, perceptual
 def to_tanh_range(x: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] -> [-1, 1], the generator's output range."""
     return 2 * x - 1
+
+
+def coded(maps: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Label maps (N, S, H, W) times one code per map (N,)."""
+    return maps * codes.view(-1, *([1] * (maps.dim() - 1)))
 
 
 def gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
@@ -91,8 +100,11 @@ class TDGAN(Algorithm):
     def __init__(self, reminding: float = 100.0, l1: float = 100.0, perceptual: float = 0.0,
                  reminding_perceptual: float = 0.0, perceptual_weights: str = VGG16_FILE, lambda_g: float = 0.1,
                  lambda_d: float = 0.05, discriminator_width: int = 64, discriminator_layers: int = 3,
-                 beta1: float = 0.5, segmenter: dict | None = None):
+                 beta1: float = 0.5, segmenter: dict | None = None, centre: int | None = None,
+                 label_code: bool = False):
         super().__init__()
+        self.centre = centre  # a local GAN: every stage visits this centre only
+        self.label_code = label_code
         self.reminding, self.l1 = reminding, l1
         self.perceptual, self.reminding_perceptual = perceptual or 0.0, reminding_perceptual or 0.0
         self.perceptual_weights = perceptual_weights
@@ -110,11 +122,29 @@ class TDGAN(Algorithm):
 
     def clients_of_round(self, run, round_index: int) -> list[int]:
         """Stage t visits centre t (client t of a one-centre-per-client partition); a pooled partition (one client)
-        is visited every stage."""
+        is visited every stage; a local GAN (`centre`) only ever visits its own centre."""
+        if self.centre is not None:
+            if not 0 <= self.centre < len(run.ctx.parts):
+                raise SuiteError(f"tdgan: centre {self.centre} does not exist (the partition has "
+                                 f"{len(run.ctx.parts)} centres, numbered from 0)")
+            return [self.centre]
         return [round_index % len(run.ctx.parts)]
+
+    def codes(self, run, domain: torch.Tensor | None) -> torch.Tensor:
+        """Per sample, the factor its label map is multiplied by before it enters the generator: with
+        `label_code`, (k + 1) / K for centre k of K, as the official loaders give each centre's label map its own
+        grey level, so the generator knows which centre's appearance a map calls for; otherwise 1."""
+        n = len(run.y) if domain is None else len(domain)
+        if not self.label_code or domain is None:
+            return torch.ones(n, device=run.y.device)
+        return (domain.to(run.y.device).float() + 1) / len(run.ctx.data.domains)
+
+    def train_codes(self, run) -> torch.Tensor:
+        return self.codes(run, run.ctx.data.train.domain)
 
     def train_client(self, run, client: int, round_index: int) -> tuple[float, int]:
         ctx, G = run.ctx, run.ctx.model
+        codes = self.train_codes(run)
         torch.manual_seed(sub_seed(run.seed, round_index, client, 0xD15C))  # the temporary discriminator's init
         D = PatchDiscriminator(ctx.data.num_classes + ctx.data.input_shape[0], self.d_width, self.d_layers)
         D = D.to(ctx.device)
@@ -127,10 +157,12 @@ class TDGAN(Algorithm):
             previous.load_state_dict(self.previous)
             previous.eval()
         gen = torch.Generator().manual_seed(sub_seed(run.seed, round_index, client))
-        maps_of = {c: run.y[ctx.parts[c].to(ctx.device)] for c in earlier}
+        maps_of = {c: coded(run.y[ctx.parts[c].to(ctx.device)], codes[ctx.parts[c].to(ctx.device)])
+                   for c in earlier}
         G.train()
         total, steps = 0.0, 0
-        for x, s in run.client_batches(client, run.epochs, gen):
+        for x, s, code in run.client_batches(client, run.epochs, gen, also=(codes,)):
+            s = coded(s, code)
             real = to_tanh_range(x)
             fake = G(s)
             opt_d.zero_grad(set_to_none=True)
@@ -161,20 +193,21 @@ class TDGAN(Algorithm):
     def server_update(self, global_state, client_states, weights, round_index):
         return client_states[0]  # one centre per stage: the generator as it left it
 
-    def synthetic_images(self, run, labels: torch.Tensor) -> torch.Tensor:
-        """The generator's images of `labels`, in [0, 1] like the real ones."""
+    def synthetic_images(self, run, labels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The generator's images of `labels` (coded by `codes`), in [0, 1] like the real ones."""
         G = run.ctx.model
         G.eval()
+        maps = coded(labels, codes)
         with torch.no_grad():
-            return torch.cat([(G(labels[i:i + 64]) + 1) / 2 for i in range(0, len(labels), 64)])
+            return torch.cat([(G(maps[i:i + 64]) + 1) / 2 for i in range(0, len(maps), 64)])
 
     def evaluate(self, run, global_state):
         from papers.tdgan.downstream import evaluate_downstream
         run.ctx.model.load_state_dict(global_state)
         train_maps = run.y
-        synthetic = self.synthetic_images(run, train_maps)
+        synthetic = self.synthetic_images(run, train_maps, self.train_codes(run))
         metrics = evaluate_downstream(run, synthetic, train_maps, self.segmenter)
-        test_fake = self.synthetic_images(run, run.y_test)
+        test_fake = self.synthetic_images(run, run.y_test, self.codes(run, run.test_domain))
         centres = [run.test_domain == d for d in range(len(run.ctx.data.domains))]
         metrics["centre_l1"] = [F.l1_loss(test_fake[on], run.x_test[on]).item() for on in centres]
         # the image of each centre's first test label map, as 8-bit RGB, for the report's figure
