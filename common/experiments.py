@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 PAPERS_DIR = REPO / "papers"
 SCHEMA_DIR = REPO / "config"
 EVAL_KEYS = ("target", "reference", "domain", "structure", "last_rounds", "logged", "minus", "reduce", "scale",
-             "prefix", "direction", "budget_of", "bandwidth_mbit", "latency_ms", "compute", "entry")  # cell keys that parameterise the metric, not the run
+             "prefix", "direction", "budget_of", "bandwidth_mbit", "latency_ms", "compute", "entry", "at_round")  # cell keys that parameterise the metric, not the run
 
 
 def known_papers() -> list[str]:
@@ -286,22 +286,37 @@ class Ceiling(RunsAndMetric):
     eval_args: tuple
     specs: tuple  # one per seed
     cells: tuple
+    where: str = ""  # the partition of a per-client ceiling (e.g. "10 clients × 2 shards")
 
 
-def centralised_spec(specs: list[dict]) -> dict:
+def centralised_spec(specs: list[dict], ceiling: dict | None = None) -> dict:
     """Centralised training with the data, model and schedule of the longest of `specs` (most rounds x local
     epochs; the first of equals): one client holding every training sample the partition uses (a per-domain share
     stays a share; a held-out domain's training split is added: the ceiling of leave-one-domain-out), trained for
     the same rounds and local epochs. A schedule of local steps (data-parallel SGD)
-    keeps its steps, each on a batch as large as the round's clients' batches together."""
+    keeps its steps, each on a batch as large as the round's clients' batches together.
+
+    Evaluated on the whole test set (never adapted), unless the table's `ceiling` says `per_client`: then the run
+    keeps the cells' partition (the `centralised` method pools its clients for training, so the model is the same)
+    and is evaluated as the cells are, on each client's own test split with their weighting; with
+    `restrict_to_client_labels` each client's predictions are restricted to the classes of its training data."""
+    ceiling = ceiling or {}
     spec = copy.deepcopy(max(specs, key=lambda s: s["training"]["rounds"] * s["training"]["local_epochs"]))
     spec["method"] = {"name": "centralised"}
-    spec.pop("evaluation", None)  # the pooled model on the whole test set, never adapted
+    cells_eval = spec.pop("evaluation", {})  # by default the pooled model on the whole test set, never adapted
+    if ceiling.get("per_client"):
+        spec["evaluation"] = {"per_client": True, "weighting": cells_eval.get("weighting", "clients")}
+        if ceiling.get("restrict_to_client_labels"):
+            spec["evaluation"]["restrict_to_client_labels"] = True
+    elif ceiling.get("restrict_to_client_labels"):
+        raise SuiteError("a ceiling restricted to each client's labels needs `per_client: true`")
     t = spec["training"]
     if "local_steps" in t:  # data-parallel SGD: the pooled model takes the round's clients' batches as one batch
         clients = max(1, int(round(t["client_fraction"] * spec["partition"]["clients"])))
         t["batch_size"] *= clients
-    if spec["partition"]["scheme"] != "domain":
+    if ceiling.get("per_client"):
+        pass  # the partition's clients are the units of evaluation; `centralised` pools them for training
+    elif spec["partition"]["scheme"] != "domain":
         spec["partition"] = {"scheme": "iid", "clients": 1}
     elif "hold_out" in spec["partition"]:
         # leave-one-domain-out (FedDG): the ceiling of generalisation to the held-out domain is the model that
@@ -312,13 +327,25 @@ def centralised_spec(specs: list[dict]) -> dict:
     return spec
 
 
+def partition_label(partition: dict) -> str:
+    """A partition in words, e.g. "10 clients × 2 shards", "100 clients, Dirichlet α=0.1"."""
+    n, scheme = partition["clients"], partition["scheme"]
+    if scheme == "shards":
+        return f"{n} clients × {partition['shards_per_client']} shards"
+    if scheme == "dirichlet":
+        return f"{n} clients, Dirichlet α={partition['alpha']}"
+    return f"{n} clients, {scheme}"
+
+
 def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceiling]:
     """One ceiling per dataset analog (dataset and size, a per-domain partition, the metric's domain) of a table
     whose metric is an accuracy; none for other tables. In a rounds-to-target table the ceiling is read as its
-    final accuracy, to compare with the target."""
+    final accuracy, to compare with the target. A table whose `ceiling` says `per_client` (a personalised table)
+    gets one per dataset analog and partition, evaluated as its cells are (`centralised_spec`)."""
     t = paper["tables"][table]
     if t["metric"] not in CEILING_METRICS:
         return []
+    per_client = bool(t.get("ceiling", {}).get("per_client"))
     groups: dict[str, tuple[tuple, list, list]] = {}  # analog -> (eval args, cells, their training specs)
     # a table with a grid takes each cell's settings before the grid (the scale's own learning rates)
     for r, row in enumerate(table_cells(paper, table, scale, seeds, use_grid=False)):
@@ -329,17 +356,21 @@ def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceil
             part = specs[0]["partition"]
             eval_args = tuple((k, v) for k, v in cell.eval_args if k in ("domain", "structure", "last_rounds")) \
                 if t["metric"] in ACCURACY_METRICS else ()
-            key = json.dumps([specs[0]["dataset"], part if part["scheme"] == "domain" else None, eval_args],
-                             sort_keys=True)
+            # a per-client ceiling is evaluated on the clients of a partition: one per partition and weighting
+            split = [part, specs[0].get("evaluation", {}).get("weighting", "clients")] if per_client else \
+                part if part["scheme"] == "domain" else None
+            key = json.dumps([specs[0]["dataset"], split, eval_args], sort_keys=True)
             group = groups.setdefault(key, (eval_args, [], []))
             group[1].append((r, c))
             group[2].extend(specs)
     out = []
     for eval_args, cells, specs in groups.values():
-        spec = centralised_spec(specs)
+        spec = centralised_spec(specs, t.get("ceiling"))
         dataset = spec["dataset"]
+        where = partition_label(spec["partition"]) if per_client else ""
         out.append(Ceiling(dataset["name"], dataset.get("train_limit"), eval_args,
-                           tuple({**spec, "seed": s} for s in sorted({x["seed"] for x in specs})), tuple(cells)))
+                           tuple({**spec, "seed": s} for s in sorted({x["seed"] for x in specs})), tuple(cells),
+                           where))
     return out
 
 

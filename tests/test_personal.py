@@ -10,10 +10,11 @@ from torch import nn
 
 from common.data import Dataset, Split
 from common.data.partition import client_test_split, shards
+from common.errors import SuiteError
 from common.fl import FederatedRun, RunContext, get_algorithm
 from common.fl.algorithms import weighted_mean
 from common.fl.engine import sub_seed
-from common.fl.personal import LGFedAvg, last_layers_keys
+from common.fl.personal import LGFedAvg, last_layers_keys, moreau_step
 from common.models import Classifier, build_model
 from common.results import repeatable_part
 from common.train import execute
@@ -296,7 +297,8 @@ def test_pfedhn_pc_keeps_the_head_on_the_client():
 
 # --- every method resumes bit-identically from a checkpoint ---------------------------------------------------------
 METHODS = [{"name": "fedper", "personal_layers": 2}, {"name": "lgfedavg"}, {"name": "perfedavg", "variant": "fo"},
-           {"name": "perfedavg", "variant": "hf"}, {"name": "pfedhn"}, {"name": "pfedhn", "personal_classifier": True}]
+           {"name": "perfedavg", "variant": "hf"}, {"name": "pfedhn"}, {"name": "pfedhn", "personal_classifier": True},
+           {"name": "pfedme", "K": 2}]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join(str(v) for v in m.values()))
@@ -323,3 +325,171 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, method):
     resumed = execute(spec, progress=False, checkpoint=ckpt)
     assert resumed["resumed_at_rounds"] == [2]
     assert repeatable_part(resumed) == repeatable_part(ref)
+
+
+# --- the ceiling of a personalised table: the pooled model, each client's predictions among its own classes ----------
+class Lookup(nn.Module):
+    """A 'model' with known logits: sample i (its input is the number i) gets row i of `table`."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.register_buffer("table", torch.tensor(table, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.table[x[:, 0].long()]
+
+
+# test labels and logits, 4 classes; client 0 trains on classes {0, 1}, client 1 on {2, 3}. Unrestricted, only the
+# samples 2, 6 and 8 are right; restricted to each client's classes, 0, 2, 3 (client 0) and 4, 6, 8, 9 (client 1).
+LOOKUP_Y = [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+LOOKUP_LOGITS = [[1, 0, 5, 0], [0, 2, 0, 0], [0, 3, 0, 0], [0, 1, 0, 4], [9, 0, 1, 0],
+                 [0, 0, 1, 2], [0, 0, 0, 1], [5, 0, 1, 0], [0, 0, 2, 3], [0, 7, 0, 1]]
+
+
+def lookup_run(evaluation):
+    y_train = torch.tensor([0, 1, 1, 0, 2, 3, 3, 2, 2])
+    data = Dataset("lookup", Split(torch.zeros(9, 1), y_train),
+                   Split(torch.arange(10, dtype=torch.float32)[:, None], torch.tensor(LOOKUP_Y)), 4)
+    parts = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])]
+    spec = {"method": {"name": "fedavg"}, "seed": 0, "evaluation": evaluation,
+            "training": {"rounds": 1, "client_fraction": 1.0, "local_epochs": 1, "batch_size": 4, "lr": 0.1}}
+    model = Lookup(LOOKUP_LOGITS)
+    ctx = RunContext(spec=spec, data=data, parts=parts, model=model, make_model=lambda: Lookup(LOOKUP_LOGITS),
+                     device=torch.device("cpu"), data_root="data")
+    return FederatedRun(ctx, get_algorithm(spec["method"])), model
+
+
+@pytest.mark.parametrize("weighting,expected", [("samples", 7 / 10), ("clients", (3 / 4 + 4 / 6) / 2)])
+def test_restricting_to_client_labels_equals_a_direct_computation(weighting, expected):
+    from common.fl.engine import evaluate_clients
+    run, model = lookup_run({"per_client": True, "weighting": weighting, "restrict_to_client_labels": True})
+    assert [t.tolist() for t in run.client_tests] == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    out = evaluate_clients(run, lambda k: model)
+    assert out["test_accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert out["client_accuracy"] == pytest.approx([3 / 4, 4 / 6], abs=1e-12)
+    # the loss: cross-entropy of the softmax over the client's own classes
+    logits, y = torch.tensor(LOOKUP_LOGITS, dtype=torch.float32), torch.tensor(LOOKUP_Y)
+    losses = [F.cross_entropy(logits[:4, :2], y[:4], reduction="sum").item() / 4,
+              F.cross_entropy(logits[4:, 2:], y[4:] - 2, reduction="sum").item() / 6]
+    want = np.mean(losses) if weighting == "clients" else (4 * losses[0] + 6 * losses[1]) / 10
+    assert out["test_loss"] == pytest.approx(want, rel=1e-6)
+    plain, _ = lookup_run({"per_client": True, "weighting": weighting})
+    unrestricted = 3 / 10 if weighting == "samples" else (1 / 4 + 2 / 6) / 2
+    assert evaluate_clients(plain, lambda k: model)["test_accuracy"] == pytest.approx(unrestricted, abs=1e-12)
+
+
+def test_restricting_to_client_labels_needs_per_client_evaluation():
+    with pytest.raises(SuiteError, match="needs per-client evaluation"):
+        lookup_run({"restrict_to_client_labels": True})
+
+
+def test_personalised_ceiling_trains_the_pooled_model_and_evaluates_it_on_each_clients_split():
+    """The centralised run that keeps the partition trains exactly the model of the pooled one-client run, and is
+    evaluated on the partition's clients, each among its own classes (checked against a direct computation)."""
+    evaluation = {"per_client": True, "weighting": "samples", "restrict_to_client_labels": True}
+    ceiling = make_run({"name": "centralised"}, evaluation, rounds=2)
+    original = list(ceiling.ctx.parts)
+    hist = ceiling.train(progress=False)
+    data = ceiling.ctx.data
+    pooled = make_run({"name": "centralised"}, {}, rounds=2)
+    pooled.ctx.parts[:] = [torch.arange(len(data.train.y))]  # the plain ceiling: one client holding everything
+    pooled.train(progress=False)
+    for key, value in ceiling.final_state.items():
+        assert torch.equal(value, pooled.final_state[key])
+    model = tiny_model()
+    model.load_state_dict(ceiling.final_state)
+    model.eval()
+    tests = client_test_split(data.train.y, original, data.test.y, seed=sub_seed(0, 0x7E57))
+    correct, total = 0, 0
+    with torch.no_grad():
+        for part, idx in zip(original, tests):
+            classes = sorted(set(data.train.y[part].tolist()))
+            pred = torch.tensor(classes)[model(data.test.x[idx])[:, classes].argmax(1)]
+            correct += (pred == data.test.y[idx]).sum().item()
+            total += len(idx)
+    assert total == len(data.test.y) and len(hist.extra["client_accuracy"][-1]) == 3
+    assert hist.test_accuracy[-1] == pytest.approx(correct / total, abs=1e-12)
+
+
+def test_personalised_tables_get_one_shared_ceiling_per_partition():
+    from common.experiments import load_paper, table_ceilings
+    pfedhn = table_ceilings(load_paper("pfedhn"), "table1", "mini")
+    assert [c.where for c in pfedhn] == ["10 clients × 2 shards", "50 clients × 2 shards"]
+    for c, clients in zip(pfedhn, (10, 50)):
+        spec = c.specs[0]
+        assert spec["method"] == {"name": "centralised"} and spec["training"]["rounds"] == 30
+        assert spec["partition"] == {"scheme": "shards", "clients": clients, "shards_per_client": 2}
+        assert spec["evaluation"] == {"per_client": True, "weighting": "samples", "restrict_to_client_labels": True}
+    # the same ceiling runs serve the three reports where their partitions coincide
+    (two, *_), = [table_ceilings(load_paper("fedper"), "skew", "mini")]
+    perfedavg = table_ceilings(load_paper("perfedavg"), "clients", "mini")
+    assert two.where == "10 clients × 2 shards" and two.run_ids == pfedhn[0].run_ids == perfedavg[0].run_ids
+    assert perfedavg[1].run_ids == pfedhn[1].run_ids
+
+
+# --- pFedMe ---------------------------------------------------------------------------------------------------------
+def test_moreau_step_is_gradient_descent_on_the_envelope_objective_and_converges_to_its_minimiser():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    anchor = [p.detach().clone() + 0.3 for p in model.parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
+    loss_fn = lambda m, a, b: F.cross_entropy(m(a), b)  # noqa: E731
+    moreau_step(model, loss_fn, x, y, anchor, personal_lr=0.1, lam=2.0, mu=0.01, steps=1)
+    probe = nn.Linear(3, 2)
+    with torch.no_grad():
+        for p, s in zip(probe.parameters(), start):
+            p.copy_(s)
+    grads = torch.autograd.grad(loss_fn(probe, x, y), list(probe.parameters()))
+    for p, s, g, w in zip(model.parameters(), start, grads, anchor):
+        torch.testing.assert_close(p, s - 0.1 * (g + 2.0 * (s - w) + 0.01 * s))
+    # many steps: θ is the minimiser of f(θ) + λ/2 ||θ - w||^2 + μ/2 ||θ||^2 (its gradient vanishes)
+    moreau_step(model, loss_fn, x, y, anchor, personal_lr=0.1, lam=2.0, mu=0.01, steps=3000)
+    grads = torch.autograd.grad(loss_fn(model, x, y), list(model.parameters()))
+    residual = max((g + 2.0 * (p - w) + 0.01 * p).abs().max().item()
+                   for p, g, w in zip(model.parameters(), grads, anchor))
+    assert residual < 1e-5
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_pfedme_round_equals_a_direct_computation(beta):
+    """One round of pFedMe: per client and batch, K Moreau steps on θ from where it is, then w <- w - lr λ (w - θ);
+    the server mixes the sample-weighted mean of the w_i into the global model with β; each client is evaluated with
+    its θ_i."""
+    method = {"name": "pfedme", "lam": 3.0, "K": 2, "personal_lr": 0.05, "mu": 0.001, "beta": beta}
+    run = make_run(method, {"per_client": True}, rounds=1, lr=0.1)
+    init = {k: v.clone() for k, v in run.ctx.model.state_dict().items()}
+    hist = run.train(progress=False)
+    thetas, ws = [], []
+    for k in range(3):
+        model = tiny_model()
+        model.load_state_dict(init)
+        w = [p.detach().clone() for p in model.parameters()]
+        gen = torch.Generator().manual_seed(sub_seed(0, 0, k))
+        for x, y in run.client_batches(k, 1, gen):
+            for _ in range(2):
+                grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+                with torch.no_grad():
+                    for p, g, a in zip(model.parameters(), grads, w):
+                        p.sub_(0.05 * (g + 3.0 * (p - a) + 0.001 * p))
+            with torch.no_grad():
+                for a, p in zip(w, model.parameters()):
+                    a.sub_(0.1 * 3.0 * (a - p))
+        thetas.append({k2: v.detach().clone() for k2, v in model.state_dict().items()})
+        ws.append(dict(zip([n for n, _ in model.named_parameters()], w)))
+    sizes = [len(p) for p in run.ctx.parts]
+    avg = weighted_mean(ws, sizes)
+    for name, value in run.final_state.items():
+        torch.testing.assert_close(value, (1 - beta) * init[name] + beta * avg[name], rtol=1e-5, atol=1e-6)
+    for k in range(3):
+        for name, value in thetas[k].items():
+            torch.testing.assert_close(run.algo.personal[k][name], value, rtol=1e-5, atol=1e-6)
+    tests = client_test_split(run.ctx.data.train.y, run.ctx.parts, run.ctx.data.test.y, seed=sub_seed(0, 0x7E57))
+    accs = []
+    for k, idx in enumerate(tests):
+        model = tiny_model()
+        model.load_state_dict(thetas[k])
+        model.eval()
+        with torch.no_grad():
+            accs.append((model(run.ctx.data.test.x[idx]).argmax(1) == run.ctx.data.test.y[idx]).double().mean().item())
+    assert hist.extra["client_accuracy"][-1] == pytest.approx(accs, abs=1e-12)

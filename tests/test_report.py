@@ -27,6 +27,15 @@ def test_rounds_to_target_first_crossing_and_censoring():
     assert rounds_to_target(result([0.5, 0.6], rounds=2), 0.8) == (3.0, True)
 
 
+def test_accuracy_at_round_reads_one_run_at_several_budgets():
+    runs = [result([0.1, 0.3, 0.6, 0.7]), result([0.2, 0.5, 0.4, 0.9], seed=1)]
+    at = {r: cell_value(runs, "accuracy_at_round", {"at_round": r}) for r in (2, 4)}
+    assert at[2].mean == pytest.approx(40.0) and at[4].mean == pytest.approx(80.0)
+    assert dict(at[2].per_seed) == pytest.approx({0: 30.0, 1: 50.0})
+    with pytest.raises(SuiteError, match="has no round 5"):
+        cell_value(runs, "accuracy_at_round", {"at_round": 5})
+
+
 def test_cell_value_mean_std_and_display():
     v = cell_value([result([0.1, 0.9]), result([0.9, 0.9])], "rounds_to_target", {"target": 0.8})
     assert v.mean == 1.5 and abs(v.std - 0.7071) < 1e-3 and v.display(0) == "2±1"

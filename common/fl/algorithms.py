@@ -275,8 +275,13 @@ class FedProx(Algorithm):
 @register_algorithm("centralised")
 class Centralised(Algorithm):
     """The ceiling of a federated table: the same model trained on the pooled data of every client (one client
-    holding the union of the partition), for the same rounds x local epochs, evaluated like the global model."""
+    holding the union of the partition), for the same rounds x local epochs, evaluated like the global model. The
+    partition's clients stay the units of per-client evaluation (`RunContext.eval_parts`): with
+    `evaluation.per_client` the pooled model is evaluated on each client's own test split, as a personalised
+    table's cells are (and with `restrict_to_client_labels`, only among the classes the client trains on)."""
 
     def setup(self, ctx):
         super().setup(ctx)
+        if getattr(ctx, "eval_parts", None) is None:  # a second set-up (a checkpoint that did not fit) finds them kept
+            ctx.eval_parts = list(ctx.parts)
         ctx.parts[:] = [torch.cat(ctx.parts).sort().values]

@@ -37,6 +37,9 @@ class RunContext:
     data_root: str
     history: "History | None" = None
     round_lr: float | None = None  # the client learning rate of the round being trained, set by local_train
+    # the clients that per-client evaluation serves, when they are not the clients that train: the centralised
+    # ceiling pools the partition's clients into one (`parts`) and keeps them here (None: `parts`)
+    eval_parts: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -59,16 +62,25 @@ def sub_seed(*keys: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             classes: torch.Tensor | None = None) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of `model` in eval mode; for segmentation masks (N, S, H, W) (mean Dice over
-    structures, Dice loss), see common/segmentation.py."""
+    structures, Dice loss), see common/segmentation.py. With `classes` (label ids) the prediction is restricted to
+    them: the logits of every other class are -inf, so the argmax is over `classes` and the cross-entropy that of the
+    softmax over them (every label in `y` must be one of `classes`)."""
     if is_mask_target(y):
         m = evaluate_segmentation(model, x, y, tuple(range(y.shape[1])))
         return float(np.mean(list(m["dice"].values()))), m["loss"]
     model.eval()
     correct, loss = 0, 0.0
+    mask = None
     for i in range(0, len(y), batch_size):
         out = model(x[i:i + batch_size])
+        if classes is not None:
+            if mask is None:
+                mask = torch.full((out.shape[1],), -math.inf, dtype=out.dtype, device=out.device)
+                mask[classes.to(out.device)] = 0.0
+            out = out + mask
         loss += F.cross_entropy(out, y[i:i + batch_size], reduction="sum").item()
         correct += (out.argmax(1) == y[i:i + batch_size]).sum().item()
     return correct / len(y), loss / len(y)
@@ -81,7 +93,9 @@ def evaluate_clients(run: "FederatedRun", model_for_client) -> dict:
     label proportions, or on multi-domain data the test split of the client's domain; a domain held by no single
     client is served by `model_for_client(None)`, which only the global model can). With `evaluation.adapt_steps`
     the model first takes that many SGD steps (lr `evaluation.adapt_lr`) on batches of the client's training data
-    (Per-FedAvg's evaluation after one local step). test_accuracy and test_loss are the mean over clients
+    (Per-FedAvg's evaluation after one local step). With `evaluation.restrict_to_client_labels` each split's
+    predictions are restricted to the classes in its client's training data (an oracle that knows each client's
+    label set: the centralised ceiling of a personalised table). test_accuracy and test_loss are the mean over clients
     (`evaluation.weighting: clients`, the default: each client counts once; FedBN's mean over domains) or pooled over
     every client's test samples (`samples`: pFedHN's code); client_accuracy lists each client's accuracy, and on
     multi-domain data domain_accuracy and domain_loss map each client's domain name to its values. On segmentation
@@ -108,7 +122,8 @@ def evaluate_clients(run: "FederatedRun", model_for_client) -> dict:
             a, l = float(np.mean(list(m["dice"].values()))), m["loss"]
             per_structure.append(m)
         else:
-            a, l = evaluate(model, run.x_test[idx], run.y_test[idx])
+            a, l = evaluate(model, run.x_test[idx], run.y_test[idx],
+                            classes=run.client_labels(client, idx) if run.restrict_labels else None)
         accs.append(a)
         losses.append(l)
         sizes.append(len(idx))
@@ -179,20 +194,43 @@ class FederatedRun:
         self.per_client = bool(ev.get("per_client", False)) or self.test_domain is not None
         self.eval_weighting = ev.get("weighting", "clients")
         self.adapt_steps, self.adapt_lr = ev.get("adapt_steps", 0), ev.get("adapt_lr", 0.0)
+        self.restrict_labels = bool(ev.get("restrict_to_client_labels", False))
+        if self.restrict_labels and not self.per_client:
+            raise SuiteError("evaluation.restrict_to_client_labels needs per-client evaluation (evaluation.per_client)")
+        if self.restrict_labels and is_mask_target(ctx.data.test.y):
+            raise SuiteError("evaluation.restrict_to_client_labels applies to classification, not to segmentation")
         self._client_tests = None
+
+    @property
+    def eval_parts(self) -> list[torch.Tensor]:
+        """The clients per-client evaluation serves: the training clients, or those the algorithm kept aside in
+        `RunContext.eval_parts` (the centralised ceiling, which trains one client holding them all)."""
+        return self.ctx.parts if self.ctx.eval_parts is None else self.ctx.eval_parts
+
+    def client_labels(self, client: int | None, test_idx: torch.Tensor) -> torch.Tensor:
+        """The classes in `client`'s training data (sorted label ids), to which its predictions are restricted; its
+        test split `test_idx` must hold no other class."""
+        if client is None:
+            raise SuiteError("evaluation.restrict_to_client_labels needs a client per test split")
+        labels = torch.unique(self.y[self.eval_parts[client].to(self.y.device)])
+        if not torch.isin(self.y_test[test_idx], labels).all():
+            raise SuiteError(f"evaluation.restrict_to_client_labels: client {client}'s test split holds classes its "
+                             f"training data does not (only splits drawn with its training labels can be restricted)")
+        return labels
 
     @property
     def client_tests(self) -> list[torch.Tensor]:
         """The test split of each evaluation unit (indices into the test set, on the device), made once per run
-        from its seed. Without domains the units are the clients and each gets the test samples of its classes in
-        proportion to its training counts (`common.data.partition.client_test_split`). On multi-domain data the
-        units are the domains, each with its test samples, served by the client holding that domain
-        (`unit_client`; None when the partition does not give one client per domain, e.g. the pooled ceiling)."""
+        from its seed. Without domains the units are the clients (`eval_parts`: the partition's, also when the
+        centralised ceiling pools them for training) and each gets the test samples of its classes in proportion to
+        its training counts (`common.data.partition.client_test_split`). On multi-domain data the units are the
+        domains, each with its test samples, served by the client holding that domain (`unit_client`; None when the
+        partition does not give one client per domain)."""
         if self._client_tests is None:
             from common.data.partition import client_test_split
             from common.errors import SuiteError
             from common.fl.personal import client_of_domain
-            data, parts = self.ctx.data, self.ctx.parts
+            data, parts = self.ctx.data, self.eval_parts
             if self.test_domain is not None:
                 try:
                     self.unit_client = client_of_domain(data.train.domain, parts, len(data.domains))

@@ -122,3 +122,86 @@ class LGFedAvg(LocalEntries):
 
     def is_local(self, model, key):
         return key not in self._global_keys
+
+
+def moreau_step(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, anchor: list[torch.Tensor],
+                personal_lr: float, lam: float, mu: float, steps: int) -> float:
+    """pFedMe's inner problem, solved approximately in place on `model`'s parameters θ: `steps` gradient steps
+    θ <- θ - personal_lr (∇f(θ; x, y) + λ (θ - w) + μ θ) on the one batch (x, y), w = `anchor` (the client's local
+    model). Returns the last step's loss f(θ; x, y)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = torch.zeros(())
+    for _ in range(steps):
+        loss = loss_fn(model, x, y)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g, w in zip(params, grads, anchor):
+                p.sub_(personal_lr * (g + lam * (p - w) + mu * p))
+    return loss.item()
+
+
+@register_algorithm("pfedme")
+class PFedMe(Algorithm):
+    """pFedMe (Dinh, Tran, Nguyen, NeurIPS 2020), as the authors' code runs it (github CharlieDinh/pFedMe): each
+    client keeps a personalised model θ_i, the approximate minimiser of the Moreau envelope
+    f_i(θ) + λ/2 ||θ - w_i||^2 of its loss around its local copy w_i of the global model. Per local step, on one batch:
+    K steps θ <- θ - personal_lr (∇f_i(θ) + λ (θ - w_i) + μ θ) from where θ is (the global model at the round's
+    start), then w_i <- w_i - lr λ (w_i - θ) (lr: the schedule's client learning rate); as many local steps as FedAvg
+    takes batches. The client sends w_i; the server mixes the sample-weighted mean of the w_i into the global model
+    with β: w <- (1 - β) w + β mean (`server_lr` = β: the base class's server step is exactly this mixing). Each
+    client is evaluated with its θ_i after its last local training (before it first trains: the global model)."""
+
+    def __init__(self, lam: float = 15.0, K: int = 5, personal_lr: float = 0.09, mu: float = 0.001,
+                 beta: float = 1.0):
+        super().__init__(server_lr=beta)
+        if K < 1:
+            raise SuiteError(f"pFedMe needs K >= 1 inner steps, got {K}")
+        self.lam, self.K, self.personal_lr, self.mu = lam, K, personal_lr, mu
+        self.personal: dict[int, State] = {}  # client -> its θ_i after its last local training
+
+    def train_client(self, run, client, round_index):
+        import itertools
+        import math
+
+        from common.fl.engine import sub_seed
+        model = run.ctx.model
+        gen = torch.Generator().manual_seed(sub_seed(run.seed, round_index, client))
+        lr = run.lr if run.lr_decay == 1.0 else run.lr * run.lr_decay ** round_index
+        run.ctx.round_lr = lr
+        params = [p for p in model.parameters() if p.requires_grad]
+        local = [p.detach().clone() for p in params]  # w_i, from the global model; θ starts there too
+        per_epoch = math.ceil(len(run.ctx.parts[client]) / run.batch_size)
+        steps = run.local_steps or per_epoch * run.epochs
+        batches = itertools.islice(run.client_batches(client, math.ceil(steps / per_epoch), gen), steps)
+        model.train()
+        total, done = 0.0, 0
+        for x, y in batches:
+            total += moreau_step(model, self.local_loss, x, y, local, self.personal_lr, self.lam, self.mu, self.K)
+            done += 1
+            with torch.no_grad():
+                for w, p in zip(local, params):
+                    w.sub_(lr * self.lam * (w - p))
+            if not math.isfinite(total):
+                break
+        state = model.state_dict()
+        self.personal[client] = {k: v.detach().clone() for k, v in state.items()}
+        with torch.no_grad():  # the client sends w_i
+            for p, w in zip(params, local):
+                p.copy_(w)
+        return total / max(done, 1), done
+
+    def evaluate(self, run, global_state):
+        """Each client's personalised model θ_i on its own test split (the authors' evaluate_personalized_model);
+        the global model on the whole test set when the run does not evaluate per client."""
+        from common.fl.engine import evaluate_clients
+        if not run.per_client:
+            return super().evaluate(run, global_state)
+        model = run.ctx.model
+
+        def personal_model(client: int | None) -> torch.nn.Module:
+            if client is None:
+                raise SuiteError(run.unit_client_error)
+            model.load_state_dict({**global_state, **self.personal.get(client, {})})
+            return model
+
+        return evaluate_clients(run, personal_model)

@@ -215,7 +215,8 @@ class ReportBuilder:
         for ceiling, value in self.ceilings(table):
             analog = dataset_name(ceiling.dataset, ceiling.train_limit) + \
                 (f", domain {ceiling.eval['domain']}" if "domain" in ceiling.eval else "") + \
-                (f", {ceiling.eval['structure']}" if "structure" in ceiling.eval else "")
+                (f", {ceiling.eval['structure']}" if "structure" in ceiling.eval else "") + \
+                (f", {ceiling.where}" if ceiling.where else "")
             entry = {"analog": analog, "ceiling": value, "cells": len(ceiling.cells), "baseline": None, "of": None,
                      "room": None, "rounds": ceiling.specs[0]["training"]["rounds"],
                      "local_epochs": ceiling.specs[0]["training"]["local_epochs"]}
@@ -319,9 +320,18 @@ class ReportBuilder:
             base = "—" if e["baseline"] is None else f"{e['baseline'].display(d)} ({e['of']})"
             lines.append([e["analog"], f"{e['rounds']} × {e['local_epochs']}", e["ceiling"].display(d), base, room])
         what = "target accuracy (%)" if rounds else "best baseline a claim says is beaten"
+        how = self.paper["tables"][table].get("ceiling", {})
+        if how.get("per_client"):
+            evaluated = ("evaluated as the cells are: on each client's own test split of its column's partition "
+                         "(one ceiling per partition)" +
+                         (", its predictions restricted to the classes in that client's training data (an oracle "
+                          "that knows each client's label set)" if how.get("restrict_to_client_labels") else "") +
+                         ", combined over clients with the table's weighting, in %")
+        else:
+            evaluated = "in the table's metric (%)"
         return [f"**Ceiling ({self.scale} scale)** — the same model trained centrally on the pooled training data of "
                 f"all clients (in a leave-one-site-out table: of every site, the held-out one's training split included) "
-                f"for the rounds × local epochs of the longest cell, in the table's metric (%); the room is the ceiling minus "
+                f"for the rounds × local epochs of the longest cell, {evaluated}; the room is the ceiling minus "
                 f"the {'target' if rounds else 'best such baseline'}. A room under 3 points leaves no space for the "
                 f"claimed effect. The paper reports no centralised number for this table.", "",
                 _md_table(["dataset analog", "rounds × epochs", "ceiling", what, "room (points)"], lines), ""]

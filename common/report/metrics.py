@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.errors import SuiteError
 from common.experiments import training_spec
 
 
@@ -60,6 +61,16 @@ def site_hd95(result: dict, domain: str, structure: str) -> tuple[float, bool]:
     the images where it is defined (both masks non-empty); NaN when it is defined on none."""
     value = _site_value(result, "domain_hd95", domain, structure)
     return (math.nan if value is None else float(value)), False
+
+
+def accuracy_at_round(result: dict, at_round: int) -> tuple[float, bool]:
+    """Test accuracy (%) after round `at_round` of a longer run: one run read at several budgets (with a constant
+    learning rate, round r of a longer run is the last round of an r-round run), e.g. an under-training check."""
+    rounds = result["metrics"]["round"]
+    if at_round not in rounds:
+        raise SuiteError(f"run {result.get('run_id')} has no round {at_round} (it ran rounds {rounds[0]}-{rounds[-1]})"
+                         if rounds else f"run {result.get('run_id')} has no rounds")
+    return 100.0 * result["metrics"]["test_accuracy"][rounds.index(at_round)], False
 
 
 def mean_last_accuracy(result: dict, last_rounds: int) -> tuple[float, bool]:
@@ -186,7 +197,7 @@ def trainable_share(result: dict) -> tuple[float, bool]:
 
 METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy,
            "domain_accuracy": domain_accuracy, "site_dice": site_dice, "site_hd95": site_hd95,
-           "mean_last_accuracy": mean_last_accuracy, "forgetting": forgetting,
+           "mean_last_accuracy": mean_last_accuracy, "accuracy_at_round": accuracy_at_round, "forgetting": forgetting,
            "weight_divergence": weight_divergence, "logged": logged,
            "bytes_to_target": bytes_to_target, "bytes_per_round": bytes_per_round, "accuracy_at_bytes": accuracy_at_bytes,
            "time_to_target": time_to_target, "trainable_share": trainable_share}
