@@ -329,9 +329,12 @@ class ReportBuilder:
                          ", combined over clients with the table's weighting, in %")
         else:
             evaluated = "in the table's metric (%)"
-        return [f"**Ceiling ({self.scale} scale)** — the same model trained centrally on the pooled training data of "
-                f"all clients (in a leave-one-site-out table: of every site, the held-out one's training split included) "
-                f"for the rounds × local epochs of the longest cell, {evaluated}; the room is the ceiling minus "
+        own = scale_config(self.paper, self.scale).get("ceiling")
+        model = (f"{own['text'].rstrip('.')}, trained centrally on the pooled training data" if own else
+                 "the same model trained centrally on the pooled training data of all clients (in a leave-one-site-out "
+                 "table: of every site, the held-out one's training split included) for the rounds × local epochs of "
+                 "the longest cell")
+        return [f"**Ceiling ({self.scale} scale)** — {model}, {evaluated}; the room is the ceiling minus "
                 f"the {'target' if rounds else 'best such baseline'}. A room under 3 points leaves no space for the "
                 f"claimed effect. The paper reports no centralised number for this table.", "",
                 _md_table(["dataset analog", "rounds × epochs", "ceiling", what, "room (points)"], lines), ""]
