@@ -215,7 +215,7 @@ def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds:
     translate = sc.get("translate", {})
     for key, value in list(settings.items()):
         mapping = translate.get(key, {})
-        if value in mapping:
+        if not isinstance(value, (list, dict)) and value in mapping:  # a list value (layer indices) is never mapped
             if mapping[value] is None:
                 return Cell(table, row, col, (), (), skipped=f"{key}={value} has no analog at scale '{scale}'")
             settings[key] = mapping[value]
@@ -322,6 +322,8 @@ def centralised_spec(specs: list[dict], ceiling: dict | None = None) -> dict:
         # leave-one-domain-out (FedDG): the ceiling of generalisation to the held-out domain is the model that
         # also trained on that domain's training split (the pooled data of every domain)
         spec["partition"] = {**spec["partition"], "clients": spec["partition"]["clients"] + 1}
+        if "only" in spec["partition"]:  # the domains the cells train on, and the held-out one
+            spec["partition"]["only"] = [*spec["partition"]["only"], spec["partition"]["hold_out"]]
         del spec["partition"]["hold_out"]
     spec["training"]["client_fraction"] = 1.0
     return spec
