@@ -194,12 +194,28 @@ def test_paper_grid_and_ceiling():
     methods = {r["method"]["name"] for r in mini.values()}
     assert methods == {"centralised", "two_stream"}
     ceilings = [s for s in mini.values() if s["method"]["name"] == "centralised" and "hold_out" not in s["partition"]]
-    # the oracle sees the labelled training data of both domains
-    assert ceilings and all(s["partition"] == {"scheme": "domain", "clients": 2} for s in ceilings)
+    # the oracle of each direction: the same network on the target domain's labelled training data alone
+    assert sorted(s["partition"]["only"][0] for s in ceilings) == ["MNIST"] * 3 + ["USPS"] * 3
+    assert all(s["partition"] == {"scheme": "domain", "clients": 1, "only": s["partition"]["only"]} for s in ceilings)
+    assert all(s["model"] == mini[next(iter(mini))]["model"] for s in ceilings)
     office = resolve_cell(paper, "office", 2, 0, "paper").specs[0]
     assert office["partition"] == {"scheme": "domain", "clients": 1, "hold_out": "webcam", "only": ["amazon"]}
     assert office["method"]["unshared"] == [-2, -1] and office["model"]["name"] == "alexnet_bn"
     assert not resolve_cell(paper, "office", 2, 0, "mini").specs  # no offline analog
+    from common.experiments import table_ceilings
+    (office_ceiling,) = table_ceilings(paper, "office", "paper")
+    assert office_ceiling.specs[0]["partition"] == {"scheme": "domain", "clients": 1, "only": ["webcam"]}
+
+
+def test_target_only_oracle_trains_on_the_target_alone():
+    from common.experiments import table_ceilings
+    from common.train import load_data_and_partition
+    paper = load_paper("beyond_sharing")
+    (ceiling,) = table_ceilings(paper, "mnist_usps", "smoke")
+    data, parts = load_data_and_partition(ceiling.specs[0], "data")
+    assert ceiling.eval == {"domain": "USPS"}
+    assert len(parts) == 1 and (data.train.domain[parts[0]] == 1).all()
+    assert len(parts[0]) == int((data.train.domain == 1).sum())
 
 
 # --- paper-scale loaders on small files -----------------------------------------------------------------------------
