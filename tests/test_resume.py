@@ -80,3 +80,16 @@ def test_centralised_run_killed_and_resumed_equals_uninterrupted(tmp_path, metho
     resumed, reference, _ = kill_and_resume(tmp_path, {**CENTRAL, "method": method}, kill_from=6, kill_before=10)
     assert repeatable_part(resumed) == repeatable_part(reference)
     assert resumed["provenance"] and resumed["data"]["fingerprint"] == reference["data"]["fingerprint"]
+
+
+def test_two_stream_adaptation_run_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """Beyond Sharing Weights' two-stream run (source and target streams, the per-layer relation a, b, Adam's state
+    and the target batches drawn per round) killed in its adaptation epochs."""
+    paper = load_paper("beyond_sharing")
+    rows = [r["label"] for r in paper["tables"]["mnist_usps"]["rows"]]
+    spec = resolve_cell(paper, "mnist_usps", rows.index("Ours (related weights)"), 0, "smoke").specs[0]
+    spec = {**spec, "dataset": {"name": spec["dataset"]["name"]},  # all 2,000 + 1,497 training images: slower rounds
+            "method": {**spec["method"], "pretrain_rounds": 3}, "training": {**spec["training"], "rounds": 8}}
+    resumed, reference, killed_at = kill_and_resume(tmp_path, spec, kill_from=4, kill_before=8)
+    assert killed_at > spec["method"]["pretrain_rounds"]
+    assert repeatable_part(resumed) == repeatable_part(reference)

@@ -329,8 +329,11 @@ class ReportBuilder:
                          ", combined over clients with the table's weighting, in %")
         else:
             evaluated = "in the table's metric (%)"
-        return [f"**Ceiling ({self.scale} scale)** — the same model trained centrally on the pooled training data of "
-                f"all clients (in a leave-one-site-out table: of every site, the held-out one's training split included) "
+        trained_on = ("the labelled training split of the held-out (target) domain alone (the oracle that sees the "
+                      "target labels)" if how.get("held_out_only") else
+                      "the pooled training data of all clients (in a leave-one-site-out table: of every site, the "
+                      "held-out one's training split included)")
+        return [f"**Ceiling ({self.scale} scale)** — the same model trained centrally on {trained_on} "
                 f"for the rounds × local epochs of the longest cell, {evaluated}; the room is the ceiling minus "
                 f"the {'target' if rounds else 'best such baseline'}. A room under 3 points leaves no space for the "
                 f"claimed effect. The paper reports no centralised number for this table.", "",
