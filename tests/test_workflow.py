@@ -173,6 +173,7 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
     ("prompt_tuning", ["super_glue/BoolQ/train.jsonl", "t5-v1_1-lm-adapt/small/config.json",
                        "t5-v1_1-lm-adapt/xxl/config.json"]),
     ("mraa", ["taichi-png/train/", "TED384-v2/test/", "vox-png/train/", "moving-gif/test/"]),
+    ("kd_svd", ["cifar-100-python/train"]),
 ])
 def test_missing_paper_scale_data_is_one_clear_error(tmp_path, paper, expected_files):
     proc = snakemake(tmp_path, "-n", f"reports/{paper}.md", "--config", "scale=paper",
