@@ -356,6 +356,8 @@ def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceil
     t = paper["tables"][table]
     if t["metric"] not in CEILING_METRICS:
         return []
+    if "row" in t.get("ceiling", {}):
+        return _row_ceilings(paper, table, scale, seeds)
     per_client = bool(t.get("ceiling", {}).get("per_client"))
     groups: dict[str, tuple[tuple, list, list]] = {}  # analog -> (eval args, cells, their training specs)
     # a table with a grid takes each cell's settings before the grid (the scale's own learning rates)
@@ -382,6 +384,29 @@ def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceil
         out.append(Ceiling(dataset["name"], dataset.get("train_limit"), eval_args,
                            tuple({**spec, "seed": s} for s in sorted({x["seed"] for x in specs})), tuple(cells),
                            where))
+    return out
+
+
+def _row_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceiling]:
+    """The ceilings of a table whose `ceiling: {row: <label>}` names one of its rows (a distillation table's
+    teacher): per column, that row's runs are the ceiling of the column's other cells (no further run)."""
+    t = paper["tables"][table]
+    label = t["ceiling"]["row"]
+    labels = [r["label"] for r in t["rows"]]
+    if label not in labels:
+        raise SuiteError(f"papers/{paper['id']}/paper.yaml: table '{table}': ceiling row '{label}' is not one of its "
+                         f"rows ({', '.join(labels)})")
+    ref = labels.index(label)
+    grid = table_cells(paper, table, scale, seeds, use_grid=False)
+    out = []
+    for c in range(len(t["columns"])):
+        top = grid[ref][c]
+        if not top.specs:
+            continue
+        cells = tuple((r, c) for r in range(len(grid)) if r != ref and grid[r][c].specs)
+        dataset = training_spec(top.specs[0])["dataset"]
+        out.append(Ceiling(dataset["name"], dataset.get("train_limit"), (), tuple(training_spec(s) for s in top.specs),
+                           cells, where=t["columns"][c]["label"]))
     return out
 
 

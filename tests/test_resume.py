@@ -72,12 +72,25 @@ CENTRAL = {"dataset": {"name": "mnist1d"}, "partition": {"scheme": "iid", "clien
                         "momentum": 0.9, "weight_decay": 1e-4, "lr_decay": 0.9, "keep_optimizer": True}, "seed": 3}
 
 
-@pytest.mark.parametrize("method", [{"name": "centralised"},
-                                    {"name": "kd_fidelity", "teachers": 2, "teacher_rounds": 4, "extra": "mixup"}])
-def test_centralised_run_killed_and_resumed_equals_uninterrupted(tmp_path, method):
-    """A centralised run (one client holding all the data), and KD fidelity's teachers-then-student run killed in
-    the student's rounds."""
-    resumed, reference, _ = kill_and_resume(tmp_path, {**CENTRAL, "method": method}, kill_from=6, kill_before=10)
+KD_SVD_TEACHER = {"name": "cnn1d", "channels": [16, 16, 16], "blocks": 2}  # the stage widths of the student below
+
+
+@pytest.mark.parametrize("method,kill", [
+    ({"name": "centralised"}, (6, 10)),
+    ({"name": "kd_fidelity", "teachers": 2, "teacher_rounds": 4, "extra": "mixup"}, (6, 10)),
+    # KD-SVD: killed in the student's rounds (the teacher's weights and the student's optimiser in the checkpoint)
+    ({"name": "kd_svd", "distill": "svd", "teacher_rounds": 4, "teacher_model": KD_SVD_TEACHER}, (6, 10)),
+    # FSP: killed in its initialisation stage, between the teacher's rounds and the student's
+    ({"name": "kd_svd", "distill": "fsp", "teacher_rounds": 3, "init_rounds": 4, "teacher_model": KD_SVD_TEACHER},
+     (4, 7)),
+], ids=["centralised", "kd_fidelity", "kd_svd", "kd_svd_fsp"])
+def test_centralised_run_killed_and_resumed_equals_uninterrupted(tmp_path, method, kill):
+    """A centralised run (one client holding all the data), KD fidelity's teachers-then-student run killed in the
+    student's rounds, and KD-SVD's teacher-then-student run (FSP's: teacher, initialisation, student)."""
+    spec = {**CENTRAL, "method": method}
+    if method["name"] == "kd_svd":  # a student with the teacher's stage widths
+        spec["model"] = {"name": "cnn1d", "channels": [16, 16, 16]}
+    resumed, reference, _ = kill_and_resume(tmp_path, spec, kill_from=kill[0], kill_before=kill[1])
     assert repeatable_part(resumed) == repeatable_part(reference)
     assert resumed["provenance"] and resumed["data"]["fingerprint"] == reference["data"]["fingerprint"]
 
