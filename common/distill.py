@@ -54,6 +54,133 @@ def predictive_kl(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tens
     return kl.double().mean().item()
 
 
+# --- feature-map distillation (FSP; KD-SVD / KD-EID of Lee, Kim, Song, ECCV 2018 and Lee, Song, TNNLS) ---------------
+
+def stage_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's logits and its feature maps at the ends of its stages (`model.stage_ends`: indices into
+    `model.features`, set by the models that have stages: cnn1d, the CIFAR ResNets), in one forward pass."""
+    ends = getattr(model, "stage_ends", None)
+    if ends is None:
+        from common.errors import SuiteError
+        raise SuiteError(f"{type(model).__name__} names no stage outputs (stage_ends); feature distillation needs "
+                         f"a model with stages (cnn1d, resnet8/20/32/56)")
+    feats, h = [], x
+    for i, layer in enumerate(model.features):
+        h = layer(h)
+        if i in ends:
+            feats.append(h)
+    return model.head(h), feats
+
+
+def fsp_matrix(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+    """Flow of solution procedure (Yim et al. 2017) between two feature maps (B, C1, *S1) and (B, C2, *S2): the
+    (B, C1, C2) matrix G_ij = sum_s top_i(s) bottom_j(s) / |S2|; a larger `top` is max-pooled to bottom's size first
+    (2x2 max-pooling in the authors' code, for maps that halve)."""
+    if top.shape[2:] != bottom.shape[2:]:
+        pool = F.adaptive_max_pool1d if top.dim() == 3 else F.adaptive_max_pool2d
+        top = pool(top, bottom.shape[2:])
+    a, b = top.flatten(2), bottom.flatten(2)
+    return a @ b.transpose(1, 2) / a.shape[2]
+
+
+def fsp_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over consecutive pairs of feature points of the batch mean of ||G_T - G_S||_F^2 / 2 (the teacher's FSP
+    matrices are constants)."""
+    total = 0.0
+    for i in range(len(student_feats) - 1):
+        gs = fsp_matrix(student_feats[i], student_feats[i + 1])
+        gt = fsp_matrix(teacher_feats[i], teacher_feats[i + 1]).detach()
+        total = total + ((gt - gs) ** 2).sum((1, 2)).mul(0.5).mean()
+    return total
+
+
+def _zero_nonfinite_samples(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient with the samples whose gradient is not finite (equal singular values) set to zero."""
+    ok = torch.isfinite(grad).flatten(1).all(1).view(-1, *([1] * (grad.dim() - 1)))
+    return torch.where(ok, grad, torch.zeros_like(grad))
+
+
+def feature_matrix(fm: torch.Tensor) -> torch.Tensor:
+    """A feature map (B, C, *S) as the (B, |S|, C) matrices the decomposition reads (rows: positions, columns:
+    channels)."""
+    return fm.flatten(2).transpose(1, 2)
+
+
+def truncated_decomposition(fm: torch.Tensor, k: int, method: str = "svd") -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k right singular vectors V (B, C, k) of each sample's feature matrix X (|S| x C) and its top-k
+    singular values, L2-normalised over the k (B, k). `svd`: torch.linalg.svd of X. `eid` (KD-EID): the same
+    vectors from an eigen-decomposition when X is far from square (|S|/C outside (2/3, 3/2)): of X^T X (C x C) when
+    |S| >= C, v_i its eigenvectors; of X X^T (|S| x |S|) when |S| < C, v_i = X^T u_i / ||X^T u_i||; the singular
+    values are the norms ||X v_i||, ||X^T u_i||. A singular vector's sign is arbitrary (it differs between LAPACK
+    routines, so between the two decompositions); each is returned with a non-negative sum of entries (for the top
+    vector of a non-negative feature map: all entries >= 0), so both give the same vectors. Gradients of samples where the decomposition's gradient is not
+    finite (repeated singular values) are set to zero, as the authors' code does."""
+    x = feature_matrix(fm)
+    if x.requires_grad:
+        x.register_hook(_zero_nonfinite_samples)
+    n, d = x.shape[1], x.shape[2]
+    k = min(k, n, d)
+    if method == "svd" or (method == "eid" and 2 / 3 < n / d < 3 / 2):
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+        s, v = s[:, :k], vh.transpose(1, 2)[:, :, :k]
+    elif method == "eid":
+        if n < d:
+            _, u = torch.linalg.eigh(x @ x.transpose(1, 2))
+            v = x.transpose(1, 2) @ u.flip(-1)[:, :, :k]  # eigh: ascending eigenvalues
+            s = v.norm(dim=1)
+            v = torch.nan_to_num(v / s.unsqueeze(1))  # a zero singular value: a zero vector (the authors' removenan)
+        else:
+            _, v = torch.linalg.eigh(x.transpose(1, 2) @ x)
+            v = v.flip(-1)[:, :, :k]
+            s = (x @ v).norm(dim=1)
+    else:
+        raise ValueError(f"decomposition must be 'svd' or 'eid', got {method!r}")
+    v = F.normalize(v, dim=1)
+    sign = torch.where(v.sum(1, keepdim=True) < 0, -1.0, 1.0).to(v.dtype)  # each vector's sign is free: fix it
+    return F.normalize(s, dim=1), v * sign
+
+
+def align_singular_vectors(v_student: torch.Tensor, v_teacher: torch.Tensor) -> torch.Tensor:
+    """For each teacher vector (columns of (B, C, kt)), the student vector (of (B, C, ks)) with the largest |cosine|
+    to it, its sign flipped where that cosine is negative: (B, C, kt), column j matched to teacher vector j."""
+    cos = v_student.transpose(1, 2) @ v_teacher  # (B, ks, kt)
+    best = cos.abs().argmax(1, keepdim=True)  # (B, 1, kt)
+    mask = torch.zeros_like(cos).scatter(1, best, torch.gather(cos, 1, best).sign())
+    return v_student @ mask
+
+
+def rbf_correlation(v_a: torch.Tensor, v_b: torch.Tensor, bandwidth: float = 8.0) -> torch.Tensor:
+    """Radial-basis correlation of the compressed features of two layers, (B, Ca, k) and (B, Cb, k):
+    exp(-(v_a[c, i] - v_b[c', i])^2 / bandwidth) for every channel pair (c, c') and vector i: (B, Ca, Cb, k)."""
+    return torch.exp(-(v_a.unsqueeze(2) - v_b.unsqueeze(1)) ** 2 / bandwidth)
+
+
+def kd_svd_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], k: int = 1,
+                student_k: int | None = None, method: str = "svd", bandwidth: float = 8.0) -> torch.Tensor:
+    """KD-SVD (Lee, Kim, Song 2018) / KD-EID (Lee, Song): each feature map compressed to its top singular vectors
+    (teacher k, student `student_k`, default k + 3), the student's aligned to the teacher's by order and sign, both
+    weighted by the teacher's normalised singular values; the knowledge is the radial-basis correlation between
+    consecutive feature points, matched by the sum of squared differences (the teacher's a constant; non-finite
+    terms dropped). Student and teacher feature maps must have the same channels at each point."""
+    student_k = k + 3 if student_k is None else student_k
+    total, prev = 0.0, None
+    for sf, tf_ in zip(student_feats, teacher_feats):
+        if sf.shape[1] != tf_.shape[1]:
+            raise ValueError(f"KD-SVD compares singular vectors over channels: student {sf.shape[1]} and teacher "
+                             f"{tf_.shape[1]} channels differ at a feature point")
+        with torch.no_grad():
+            s_t, v_t = truncated_decomposition(tf_, k, method)
+        _, v_s = truncated_decomposition(sf, student_k, method)
+        v_s = align_singular_vectors(v_s, v_t)
+        w = s_t.unsqueeze(1)
+        v_t, v_s = v_t * w, v_s * w
+        if prev is not None:
+            diff = (rbf_correlation(v_s, prev[0], bandwidth) - rbf_correlation(v_t, prev[1], bandwidth)) ** 2
+            total = total + torch.where(torch.isfinite(diff), diff, torch.zeros_like(diff)).sum()
+        prev = (v_s, v_t)
+    return total
+
+
 def kd_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Soft-label distillation from another network's (or the same network's) logits, which get no gradient:
     T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch (`kd_loss` with the teacher's

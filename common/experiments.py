@@ -215,7 +215,7 @@ def resolve_cell(paper: dict, table: str, row: int, col: int, scale: str, seeds:
     translate = sc.get("translate", {})
     for key, value in list(settings.items()):
         mapping = translate.get(key, {})
-        if value in mapping:
+        if not isinstance(value, (list, dict)) and value in mapping:  # a list value (layer indices) is never mapped
             if mapping[value] is None:
                 return Cell(table, row, col, (), (), skipped=f"{key}={value} has no analog at scale '{scale}'")
             settings[key] = mapping[value]
@@ -299,7 +299,9 @@ def centralised_spec(specs: list[dict], ceiling: dict | None = None) -> dict:
     Evaluated on the whole test set (never adapted), unless the table's `ceiling` says `per_client`: then the run
     keeps the cells' partition (the `centralised` method pools its clients for training, so the model is the same)
     and is evaluated as the cells are, on each client's own test split with their weighting; with
-    `restrict_to_client_labels` each client's predictions are restricted to the classes of its training data."""
+    `restrict_to_client_labels` each client's predictions are restricted to the classes of its training data. With
+    `held_out_only` (a leave-one-domain-out table used for domain adaptation) the ceiling trains on the held-out
+    (target) domain's labelled training split alone: the "train on target" oracle."""
     ceiling = ceiling or {}
     spec = copy.deepcopy(max(specs, key=lambda s: s["training"]["rounds"] * s["training"]["local_epochs"]))
     spec["method"] = {"name": "centralised"}
@@ -310,6 +312,8 @@ def centralised_spec(specs: list[dict], ceiling: dict | None = None) -> dict:
             spec["evaluation"]["restrict_to_client_labels"] = True
     elif ceiling.get("restrict_to_client_labels"):
         raise SuiteError("a ceiling restricted to each client's labels needs `per_client: true`")
+    if ceiling.get("held_out_only") and ceiling.get("per_client"):
+        raise SuiteError("a ceiling trained on the held-out domain alone is evaluated per domain, not `per_client`")
     t = spec["training"]
     if "local_steps" in t:  # data-parallel SGD: the pooled model takes the round's clients' batches as one batch
         clients = max(1, int(round(t["client_fraction"] * spec["partition"]["clients"])))
@@ -318,10 +322,17 @@ def centralised_spec(specs: list[dict], ceiling: dict | None = None) -> dict:
         pass  # the partition's clients are the units of evaluation; `centralised` pools them for training
     elif spec["partition"]["scheme"] != "domain":
         spec["partition"] = {"scheme": "iid", "clients": 1}
+    elif "hold_out" in spec["partition"] and ceiling.get("held_out_only"):
+        # domain adaptation's oracle: the same model trained on the held-out (target) domain's labelled training
+        # split alone
+        spec["partition"] = {"scheme": "domain", "clients": 1, "only": [spec["partition"]["hold_out"]],
+                             **({"fraction": spec["partition"]["fraction"]} if "fraction" in spec["partition"] else {})}
     elif "hold_out" in spec["partition"]:
         # leave-one-domain-out (FedDG): the ceiling of generalisation to the held-out domain is the model that
         # also trained on that domain's training split (the pooled data of every domain)
         spec["partition"] = {**spec["partition"], "clients": spec["partition"]["clients"] + 1}
+        if "only" in spec["partition"]:  # the domains the cells train on, and the held-out one
+            spec["partition"]["only"] = [*spec["partition"]["only"], spec["partition"]["hold_out"]]
         del spec["partition"]["hold_out"]
     spec["training"]["client_fraction"] = 1.0
     return spec
@@ -345,6 +356,8 @@ def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceil
     t = paper["tables"][table]
     if t["metric"] not in CEILING_METRICS:
         return []
+    if "row" in t.get("ceiling", {}):
+        return _row_ceilings(paper, table, scale, seeds)
     per_client = bool(t.get("ceiling", {}).get("per_client"))
     groups: dict[str, tuple[tuple, list, list]] = {}  # analog -> (eval args, cells, their training specs)
     # a table with a grid takes each cell's settings before the grid (the scale's own learning rates)
@@ -373,6 +386,29 @@ def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceil
         out.append(Ceiling(dataset["name"], dataset.get("train_limit"), eval_args,
                            tuple({**spec, "seed": s} for s in sorted({x["seed"] for x in specs})), tuple(cells),
                            where))
+    return out
+
+
+def _row_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceiling]:
+    """The ceilings of a table whose `ceiling: {row: <label>}` names one of its rows (a distillation table's
+    teacher): per column, that row's runs are the ceiling of the column's other cells (no further run)."""
+    t = paper["tables"][table]
+    label = t["ceiling"]["row"]
+    labels = [r["label"] for r in t["rows"]]
+    if label not in labels:
+        raise SuiteError(f"papers/{paper['id']}/paper.yaml: table '{table}': ceiling row '{label}' is not one of its "
+                         f"rows ({', '.join(labels)})")
+    ref = labels.index(label)
+    grid = table_cells(paper, table, scale, seeds, use_grid=False)
+    out = []
+    for c in range(len(t["columns"])):
+        top = grid[ref][c]
+        if not top.specs:
+            continue
+        cells = tuple((r, c) for r in range(len(grid)) if r != ref and grid[r][c].specs)
+        dataset = training_spec(top.specs[0])["dataset"]
+        out.append(Ceiling(dataset["name"], dataset.get("train_limit"), (), tuple(training_spec(s) for s in top.specs),
+                           cells, where=t["columns"][c]["label"]))
     return out
 
 

@@ -72,14 +72,39 @@ CENTRAL = {"dataset": {"name": "mnist1d"}, "partition": {"scheme": "iid", "clien
                         "momentum": 0.9, "weight_decay": 1e-4, "lr_decay": 0.9, "keep_optimizer": True}, "seed": 3}
 
 
-@pytest.mark.parametrize("method", [{"name": "centralised"},
-                                    {"name": "kd_fidelity", "teachers": 2, "teacher_rounds": 4, "extra": "mixup"}])
-def test_centralised_run_killed_and_resumed_equals_uninterrupted(tmp_path, method):
-    """A centralised run (one client holding all the data), and KD fidelity's teachers-then-student run killed in
-    the student's rounds."""
-    resumed, reference, _ = kill_and_resume(tmp_path, {**CENTRAL, "method": method}, kill_from=6, kill_before=10)
+KD_SVD_TEACHER = {"name": "cnn1d", "channels": [16, 16, 16], "blocks": 2}  # the stage widths of the student below
+
+
+@pytest.mark.parametrize("method,kill", [
+    ({"name": "centralised"}, (6, 10)),
+    ({"name": "kd_fidelity", "teachers": 2, "teacher_rounds": 4, "extra": "mixup"}, (6, 10)),
+    # KD-SVD: killed in the student's rounds (the teacher's weights and the student's optimiser in the checkpoint)
+    ({"name": "kd_svd", "distill": "svd", "teacher_rounds": 4, "teacher_model": KD_SVD_TEACHER}, (6, 10)),
+    # FSP: killed in its initialisation stage, between the teacher's rounds and the student's
+    ({"name": "kd_svd", "distill": "fsp", "teacher_rounds": 3, "init_rounds": 4, "teacher_model": KD_SVD_TEACHER},
+     (4, 7)),
+], ids=["centralised", "kd_fidelity", "kd_svd", "kd_svd_fsp"])
+def test_centralised_run_killed_and_resumed_equals_uninterrupted(tmp_path, method, kill):
+    """A centralised run (one client holding all the data), KD fidelity's teachers-then-student run killed in the
+    student's rounds, and KD-SVD's teacher-then-student run (FSP's: teacher, initialisation, student)."""
+    spec = {**CENTRAL, "method": method}
+    if method["name"] == "kd_svd":  # a student with the teacher's stage widths
+        spec["model"] = {"name": "cnn1d", "channels": [16, 16, 16]}
+    resumed, reference, _ = kill_and_resume(tmp_path, spec, kill_from=kill[0], kill_before=kill[1])
     assert repeatable_part(resumed) == repeatable_part(reference)
     assert resumed["provenance"] and resumed["data"]["fingerprint"] == reference["data"]["fingerprint"]
+
+
+def test_two_stream_adaptation_run_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """Beyond Sharing Weights' two-stream run (source and target streams, the per-layer relation a, b, Adam's state
+    and the target batches drawn per round) killed in its adaptation epochs."""
+    paper = load_paper("beyond_sharing")
+    rows = [r["label"] for r in paper["tables"]["mnist_usps"]["rows"]]
+    spec = resolve_cell(paper, "mnist_usps", rows.index("Ours (related weights)"), 0, "smoke").specs[0]
+    spec = {**spec, "dataset": {"name": spec["dataset"]["name"]},  # all 2,000 + 1,497 training images: slower rounds
+            "method": {**spec["method"], "pretrain_rounds": 3}, "training": {**spec["training"], "rounds": 8}}
+    resumed, reference, killed_at = kill_and_resume(tmp_path, spec, kill_from=4, kill_before=8)
+    assert killed_at > spec["method"]["pretrain_rounds"]
 
 
 FRSKD_RUN = {"dataset": {"name": "digits5", "train_limit": 600, "test_limit": 200},

@@ -87,6 +87,8 @@ def register(name: str):
 # How reports name each loader's data, so an analog is never mistaken for the paper's dataset.
 DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST 5k", "mnist1d": "mnist1d", "digits5": "digits5 (offline)", "fundus4": "fundus4 (generated)", "fundus": "Fundus",
                  "prostate": "Prostate MRI", "digits28": "sklearn digits",
+                 "mnist_usps_digits": "MNIST 5k ↔ sklearn digits (USPS-like)", "mnist_usps": "MNIST ↔ USPS",
+                 "office31": "Office-31",
                  "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "emnist": "EMNIST", "tinyimagenet": "Tiny-ImageNet",
                  "cinic10": "CINIC-10", "digits_five": "Digits-Five", "office_caltech10": "Office-Caltech-10",
                  "domainnet10": "DomainNet (10 classes)", "imdb": "IMDB", "trec6": "TREC-6",

@@ -46,6 +46,22 @@ DOMAINNET_HOWTO = ("Download DomainNet's six domain archives from http://ai.bu.e
                    "<data_root>/domainnet/ (giving <data_root>/domainnet/<domain>/<class>/<image>.jpg)")
 
 
+OFFICE31_DOMAINS = ("amazon", "dslr", "webcam")
+OFFICE31_CLASSES = ("back_pack", "bike", "bike_helmet", "bookcase", "bottle", "calculator", "desk_chair", "desk_lamp",
+                    "desktop_computer", "file_cabinet", "headphones", "keyboard", "laptop_computer", "letter_tray",
+                    "mobile_phone", "monitor", "mouse", "mug", "paper_notebook", "pen", "phone", "printer", "projector",
+                    "punchers", "ring_binder", "ruler", "scissors", "speaker", "stapler", "tape_dispenser", "trash_can")
+OFFICE31_HOWTO = ("Obtain Office-31 (Saenko et al., ECCV 2010; domain_adaptation_images.tar.gz) and unpack it into "
+                  "<data_root>/office31/, giving <data_root>/office31/<domain>/images/<class>/<image>.jpg for the "
+                  "domains amazon, dslr and webcam")
+USPS_FILES = ("usps.bz2", "usps.t.bz2")
+USPS_HOWTO = ("Put USPS in LIBSVM format (torchvision.datasets.USPS's files usps.bz2 and usps.t.bz2, from "
+              "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass.html#usps) into <data_root>/usps/, "
+              "and MNIST in torchvision's layout (<data_root>/MNIST/raw/)")
+# the usual MNIST -> USPS protocol (Long et al. 2013): 2,000 MNIST and 1,800 USPS training images, drawn once
+MNIST_USPS_TRAIN = {"MNIST": 2000, "USPS": 1800}
+
+
 def _digits_five_files(root: Path) -> list[Path]:
     return [root / d / f for d in DIGITS_FIVE.values()
             for f in [*(f"partitions/train_part{i}.pkl" for i in range(10)), "test.pkl"]]
@@ -59,6 +75,14 @@ def missing_files(name: str, root: Path) -> list[str]:
     """Files or class folders a dataset of this module needs under `root` that are absent (or empty)."""
     if name == "digits_five":
         return [str(p) for p in _digits_five_files(root) if not p.is_file()]
+    if name == "mnist_usps":
+        from common.data.vision import missing_files as vision_missing
+        return vision_missing("mnist", root) + [str(root / "usps" / f) for f in USPS_FILES
+                                                if not (root / "usps" / f).is_file()]
+    if name == "office31":
+        return [str(root / "office31" / d / "images" / c) + "/" for d in OFFICE31_DOMAINS for c in OFFICE31_CLASSES
+                if not ((root / "office31" / d / "images" / c).is_dir()
+                        and any((root / "office31" / d / "images" / c).iterdir()))]
     folders = {"office_caltech10": ("office_caltech_10", OFFICE_DOMAINS, OFFICE_CLASSES),
                "domainnet10": ("domainnet", DOMAINNET_DOMAINS, DOMAINNET_CLASSES)}.get(name)
     if folders is None:
@@ -165,3 +189,56 @@ def office_caltech10(root: Path) -> Dataset:
 def domainnet10(root: Path) -> Dataset:
     return _image_folder_dataset("domainnet10", root, "domainnet", DOMAINNET_DOMAINS, DOMAINNET_CLASSES,
                                  DOMAINNET_HOWTO)
+
+
+@register("office31")
+def office31(root: Path) -> Dataset:
+    """Office-31 (amazon, dslr, webcam; 31 classes) in its archive's layout, <domain>/images/<class>/, each domain
+    with a fixed stratified 20% test split, 3x256x256 in [0, 1] (one domain per client, or a source and a held-out
+    target domain for domain adaptation)."""
+    _require("office31", root, OFFICE31_HOWTO)
+    per_domain = [_image_folder_domain(root / "office31" / d / "images", OFFICE31_CLASSES) for d in OFFICE31_DOMAINS]
+    return multi_domain("office31", per_domain, OFFICE31_DOMAINS, len(OFFICE31_CLASSES),
+                        f"Office-31 from {root / 'office31'} (<domain>/images/<class>/): "
+                        f"{', '.join(OFFICE31_DOMAINS)}; 31 classes, {IMAGE_SIZE}x{IMAGE_SIZE}, fixed stratified "
+                        f"{TEST_FRACTION:.0%} test split per domain")
+
+
+def _draw(split: Split, n: int, seed: int) -> Split:
+    """A fixed, class-stratified draw of about n samples (largest remainders per class) from a split."""
+    y = split.y.numpy()
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    share = counts / counts.sum() * min(n, len(y))
+    k = np.floor(share).astype(int)
+    k[np.argsort(-(share - k), kind="stable")[:min(n, len(y)) - k.sum()]] += 1
+    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:m] for c, m in zip(classes, k)]))
+    return split.subset(torch.as_tensor(idx))
+
+
+@register("mnist_usps")
+def mnist_usps(root: Path) -> Dataset:
+    """MNIST and USPS as two domains (domain adaptation MNIST <-> USPS): MNIST from torchvision's layout, USPS from
+    its LIBSVM files (16x16, resized to 28x28 bilinearly), both 1x28x28 in [0, 1]. Training splits: a fixed
+    stratified draw of 2,000 MNIST and 1,800 USPS images (the usual protocol); test splits: the full test sets."""
+    missing = missing_files("mnist_usps", root)
+    if missing:
+        raise DatasetMissing(f"mnist_usps is not in data_root '{root}': missing {', '.join(missing)}. {USPS_HOWTO}.")
+    from common.data import load_dataset
+    from common.data.vision import _datasets
+    m = load_dataset("mnist", root)
+    try:
+        usps = [_datasets().USPS(str(root / "usps"), train=t) for t in (True, False)]
+    except (OSError, ValueError, IndexError, EOFError) as e:
+        raise DatasetCorrupt(f"USPS in '{root / 'usps'}' could not be read ({e}). {USPS_HOWTO}.") from None
+
+    def usps_split(ds) -> Split:
+        x = torch.as_tensor(ds.data, dtype=torch.float32).unsqueeze(1) / 255.0
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
+        return Split(x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64))
+
+    per_domain = [(_draw(m.train, MNIST_USPS_TRAIN["MNIST"], SPLIT_SEED), m.test),
+                  (_draw(usps_split(usps[0]), MNIST_USPS_TRAIN["USPS"], SPLIT_SEED), usps_split(usps[1]))]
+    return multi_domain("mnist_usps", per_domain, ("MNIST", "USPS"), 10,
+                        f"MNIST ({root / 'MNIST' / 'raw'}) and USPS ({root / 'usps'}), 2,000 / 1,800 training "
+                        f"images drawn once, full test sets, 1x28x28 in [0, 1]")

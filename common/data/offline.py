@@ -112,3 +112,45 @@ def mnist1d(_: Path) -> Dataset:
     return Dataset("mnist1d", split(raw["x"], raw["y"]), split(raw["x_test"], raw["y_test"]), 10,
                    "mnist1d (package mnist1d, default arguments): 4,000 train / 1,000 test, 1x40 signals, "
                    "standardised by the generator")
+
+
+def usps_like_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 scanned 8x8 digits as a USPS-like domain: resized to USPS's 16x16 and then to 28x28,
+    the digit filling the frame as in USPS (digits5's USPS recipe, one grey channel). Cached per scikit-learn
+    version (importing scikit-learn costs a training run seconds)."""
+    def build():
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        x = torch.as_tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+        x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
+        return {"x": x.contiguous(), "y": torch.as_tensor(d.target, dtype=torch.int64)}
+    raw = cached("usps_like_digits", "scikit-learn", build, key="v1")
+    return raw["x"], raw["y"]
+
+
+MNIST_USPS_SOURCE_PER_CLASS = 200  # 2,000 MNIST training images, as the usual MNIST -> USPS protocol
+
+
+@register("mnist_usps_digits")
+def mnist_usps_digits(_: Path) -> Dataset:
+    """Two digit domains for unsupervised domain adaptation, an offline analog of MNIST <-> USPS: "MNIST", 2,000
+    training images of the MNIST 5k subset (200 per class, a fixed draw from mnist5k's training split) and its 1,000
+    test images; "USPS", scikit-learn's 8x8 scans made USPS-like (`usps_like_digits`: 16x16, then 28x28 filling
+    the frame), 1,497 train / 300 test (mnist5k's and digits28's fixed splits). Both 1x28x28 in [0, 1]; MNIST's
+    digits sit in a 20x20 box with a margin, the USPS-like ones fill the frame and are blurred by the upscaling."""
+    from common.data.domains import multi_domain
+    x, y = mnist5k_raw()
+    x = torch.as_tensor((x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32))
+    tr, te = _stratified_split(y, test_per_class=100)
+    rng = np.random.default_rng(SPLIT_SEED + 1)
+    keep = np.sort(np.concatenate([rng.permutation(tr[y[tr] == c])[:MNIST_USPS_SOURCE_PER_CLASS]
+                                   for c in range(10)]))
+    yt = torch.as_tensor(y, dtype=torch.int64)
+    mnist = (Split(x[keep], yt[keep]), Split(x[te], yt[te]))
+    ux, uy = usps_like_digits()
+    utr, ute = _stratified_split(uy.numpy(), test_per_class=30)
+    usps = (Split(ux[utr], uy[utr]), Split(ux[ute], uy[ute]))
+    return multi_domain("mnist_usps_digits", [mnist, usps], ("MNIST", "USPS"), 10,
+                        "MNIST 5k (2,000 train / 1,000 test) and scikit-learn digits made USPS-like (1,497 / 300), "
+                        "two domains, 1x28x28 in [0, 1]")

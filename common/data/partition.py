@@ -56,25 +56,29 @@ def shards(labels: torch.Tensor, clients: int, shards_per_client: int, seed: int
 
 
 def by_domain(labels: torch.Tensor, clients: int, seed: int, domains: torch.Tensor,
-              fraction: float = 1.0, hold_out: int | None = None) -> list[torch.Tensor]:
+              fraction: float = 1.0, hold_out: int | None = None, only: list[int] | None = None) -> list[torch.Tensor]:
     """Feature shift (FedBN): client k holds domain k. With `fraction` < 1 each client keeps a random,
     class-stratified share of its domain's training data (the paper's "percentage" of each dataset); the rest
     is used by no client. With `hold_out` (a domain index; `partition` also takes its name) that domain has no
-    client (leave-one-domain-out, FedDG): the clients hold the other domains in order."""
+    client (leave-one-domain-out, FedDG): the clients hold the other domains in order. With `only` (domain indices;
+    `partition` also takes names) just those domains get a client, in the dataset's order (domain adaptation between
+    two domains of a dataset with more: Office-31's amazon -> webcam leaves dslr unused)."""
     n_domains = int(domains.max()) + 1
-    expected = n_domains - (hold_out is not None)
+    selected = [d for d in range(n_domains) if d != hold_out and (only is None or d in only)]
+    if only is not None and hold_out in only:
+        raise SuiteError("partition: the held-out domain cannot also be one of `only`")
+    expected = len(selected)
     if clients != expected:
         raise SuiteError(f"partition scheme 'domain' gives one client per domain"
-                         f"{' except the held-out one' if hold_out is not None else ''}: clients must be {expected}, "
+                         f"{' except the held-out one' if hold_out is not None else ''}"
+                         f"{' of those in `only`' if only is not None else ''}: clients must be {expected}, "
                          f"got {clients}")
     if not 0 < fraction <= 1:
         raise SuiteError(f"partition fraction must be in (0, 1], got {fraction}")
     y, dom = labels.numpy(), domains.numpy()
     rng = np.random.default_rng(seed)
     parts = []
-    for d in range(n_domains):
-        if d == hold_out:
-            continue
+    for d in selected:
         keep = []
         for c in np.unique(y[dom == d]):
             idx = rng.permutation(np.flatnonzero((dom == d) & (y == c)))
@@ -98,6 +102,12 @@ def partition(labels: torch.Tensor, scheme: str, seed: int, domains: torch.Tenso
             raise SuiteError(f"hold_out '{params['hold_out']}' is not a domain of the dataset "
                              f"({', '.join(domain_names) or 'none'})")
         params["hold_out"] = domain_names.index(params["hold_out"])
+    if params.get("only") is not None:
+        unknown = [d for d in params["only"] if isinstance(d, str) and d not in domain_names]
+        if unknown:
+            raise SuiteError(f"partition only: {', '.join(unknown)} not a domain of the dataset "
+                             f"({', '.join(domain_names) or 'none'})")
+        params["only"] = [domain_names.index(d) if isinstance(d, str) else int(d) for d in params["only"]]
     if scheme not in PARTITIONERS:
         raise SuiteError(f"unknown partition scheme '{scheme}'; known: {', '.join(PARTITIONERS)}")
     if scheme in NEEDS_DOMAINS:
@@ -106,7 +116,8 @@ def partition(labels: torch.Tensor, scheme: str, seed: int, domains: torch.Tenso
         params["domains"] = domains
     parts = PARTITIONERS[scheme](labels, seed=seed, **params)
     # a per-domain share leaves some samples unused; every other partition covers the training set exactly
-    check_disjoint_cover(parts, len(labels), cover=params.get("fraction", 1.0) == 1.0 and params.get("hold_out") is None)
+    check_disjoint_cover(parts, len(labels), cover=params.get("fraction", 1.0) == 1.0 and params.get("hold_out") is None
+                         and params.get("only") is None)
     return parts
 
 

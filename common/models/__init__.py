@@ -71,8 +71,11 @@ def resnet(depth: int, in_channels: int, num_classes: int, norm: str = "bn", wid
         for b in range(n):
             layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1, norm))
             cin = cout
+    stage_ends = [3 + n * (s + 1) - 1 for s in range(3)]  # the last block of each stage
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return Classifier(nn.Sequential(*layers), cin, num_classes)
+    model = Classifier(nn.Sequential(*layers), cin, num_classes)
+    model.stage_ends = stage_ends
+    return model
 
 
 def resnet18(in_channels: int, num_classes: int, norm: str = "bn", width: int = 64) -> Classifier:
@@ -88,6 +91,18 @@ def resnet18(in_channels: int, num_classes: int, norm: str = "bn", width: int = 
             cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return Classifier(nn.Sequential(*layers), cin, num_classes)
+
+
+class ResidualConv1d(nn.Module):
+    """relu(x + conv(x)) with a 3-tap convolution of the same channels: a stride-1 layer that deepens a stage of
+    cnn1d (without the skip, a plain stack of them does not train from the default initialisation)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv(x))
 
 
 def stage_ends(model: Classifier) -> list[int]:
@@ -121,23 +136,33 @@ def stage_maps(model: Classifier, x: torch.Tensor) -> tuple[list[torch.Tensor], 
 
 
 def cnn1d(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[int, ...] = (16, 16, 16),
-          input_size: int = 40, hidden: tuple[int, ...] = ()) -> Classifier:
+          input_size: int = 40, hidden: tuple[int, ...] = (), blocks: int = 1) -> Classifier:
     """Small 1-D CNN for sequences such as mnist1d's 40-sample signals: 5-tap convolutions with stride 2 and ReLU,
     each halving the length. Convolutions matter on mnist1d: its digits are shifted and sheared templates.
-    `hidden` adds fully connected layers with ReLU before the head (a LeNet-like 1-D network)."""
+    `hidden` adds fully connected layers with ReLU before the head (a LeNet-like 1-D network). `blocks` convolutions
+    per stage (the first with stride 2, the others residual 3-tap convolutions with stride 1, `ResidualConv1d`): a
+    deeper network of the same widths, whose stage outputs (`stage_ends`) match the shallow one's in shape (feature
+    distillation)."""
     if norm != "none":
         raise SuiteError(f"cnn1d has no normalisation layers; use norm 'none', not '{norm}'")
+    if blocks < 1:
+        raise SuiteError(f"cnn1d needs at least one convolution per stage, got blocks={blocks}")
     layers: list[nn.Module] = []
+    stage_ends: list[int] = []
     cin, length = in_channels, input_size
     for cout in channels:
         layers += [nn.Conv1d(cin, cout, 5, 2, 2), nn.ReLU()]
+        layers += [ResidualConv1d(cout) for _ in range(blocks - 1)]
+        stage_ends.append(len(layers) - 1)
         cin, length = cout, (length + 1) // 2
     layers.append(nn.Flatten())
     width = cin * length
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
-    return Classifier(nn.Sequential(*layers), width, num_classes)
+    model = Classifier(nn.Sequential(*layers), width, num_classes)
+    model.stage_ends = stage_ends
+    return model
 
 
 def cnn(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[int, int] = (8, 16),
@@ -241,6 +266,7 @@ def motion_transfer(**params):
 MODELS = {
     "resnet8": lambda **kw: resnet(8, **kw),
     "resnet20": lambda **kw: resnet(20, **kw),
+    "resnet32": lambda **kw: resnet(32, **kw),  # Lee et al.'s benchmark teacher (KD_methods_with_TF)
     "resnet56": lambda **kw: resnet(56, **kw),  # Stanton et al. (2021): CIFAR-100 teachers and students
     "resnet18": resnet18,
     "cnn": cnn,

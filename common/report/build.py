@@ -329,11 +329,19 @@ class ReportBuilder:
                          ", combined over clients with the table's weighting, in %")
         else:
             evaluated = "in the table's metric (%)"
-        own = scale_config(self.paper, self.scale).get("ceiling")
+        if "row" in how:
+            return [f"**Ceiling ({self.scale} scale)** — row {how['row']} of the table, per column (the larger model "
+                    f"trained centrally on the pooled training data: the reference the other rows learn from), in the "
+                    f"table's metric (%); the room is the ceiling minus the best baseline a claim says is beaten. A room "
+                    f"under 3 points leaves no space for the claimed effect.", "",
+                    _md_table(["dataset analog", "rounds × epochs", "ceiling", what, "room (points)"], lines), ""]
+        trained_on = ("the labelled training split of the held-out (target) domain alone (the oracle that sees the "
+                      "target labels)" if how.get("held_out_only") else
+                      "the pooled training data of all clients (in a leave-one-site-out table: of every site, the "
+                      "held-out one's training split included)")
+        own = scale_config(self.paper, self.scale).get("ceiling")  # a centralised paper's own ceiling run
         model = (f"{own['text'].rstrip('.')}, trained centrally on the pooled training data" if own else
-                 "the same model trained centrally on the pooled training data of all clients (in a leave-one-site-out "
-                 "table: of every site, the held-out one's training split included) for the rounds × local epochs of "
-                 "the longest cell")
+                 f"the same model trained centrally on {trained_on} for the rounds × local epochs of the longest cell")
         return [f"**Ceiling ({self.scale} scale)** — {model}, {evaluated}; the room is the ceiling minus "
                 f"the {'target' if rounds else 'best such baseline'}. A room under 3 points leaves no space for the "
                 f"claimed effect. The paper reports no centralised number for this table.", "",
