@@ -179,3 +179,42 @@ def kd_svd_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Ten
             total = total + torch.where(torch.isfinite(diff), diff, torch.zeros_like(diff)).sum()
         prev = (v_s, v_t)
     return total
+
+
+def kd_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft-label distillation from another network's (or the same network's) logits, which get no gradient:
+    T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch (`kd_loss` with the teacher's
+    distribution at temperature T). FRSKD's classifier <- self-teacher loss and CS-KD's class-wise loss."""
+    return kd_loss(student_logits, F.softmax(teacher_logits.detach() / temperature, dim=1), temperature)
+
+
+def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Spatial attention map of a feature map f (N, C, H, W) (Zagoruyko & Komodakis 2017): the mean over channels of
+    |f|^p, flattened to (N, H*W) and scaled to unit L2 norm per sample."""
+    return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Attention-transfer loss between two feature maps of the same spatial size (channels may differ): the mean
+    over samples and positions of (phi(student) - phi(teacher))^2, phi = `attention_map`; the teacher's map gets no
+    gradient. Summed over stages it is FRSKD's feature distillation L_F (as in the authors' code)."""
+    return (attention_map(student, p) - attention_map(teacher.detach(), p)).pow(2).mean()
+
+
+def virtual_teacher_probs(y: torch.Tensor, num_classes: int, correct_prob: float = 0.99,
+                          temperature: float = 20.0) -> torch.Tensor:
+    """Tf-KD's manually designed teacher (Yuan et al. 2020, Tf-KD_reg): u(k) = correct_prob for the true class and
+    (1 - correct_prob) / (K - 1) for the others, softened as softmax(u / T)."""
+    u = torch.full((len(y), num_classes), (1 - correct_prob) / (num_classes - 1), device=y.device)
+    u[torch.arange(len(y), device=y.device), y] = correct_prob
+    return F.softmax(u / temperature, dim=1)
+
+
+def virtual_teacher_loss(logits: torch.Tensor, y: torch.Tensor, alpha: float = 0.1, temperature: float = 20.0,
+                         multiplier: float = 100.0, correct_prob: float = 0.99) -> torch.Tensor:
+    """Tf-KD_reg's objective as the authors' code computes it: (1 - alpha) CE + alpha * multiplier *
+    KL(p_virtual || softmax(logits)) averaged over every (sample, class) entry (torch's KLDivLoss 'mean'); the
+    student's distribution is at temperature 1, the virtual teacher's at `temperature`."""
+    target = virtual_teacher_probs(y, logits.shape[1], correct_prob, temperature)
+    kl = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="sum") / target.numel()
+    return (1 - alpha) * F.cross_entropy(logits, y) + alpha * multiplier * kl

@@ -379,6 +379,8 @@ def table_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceil
     out = []
     for eval_args, cells, specs in groups.values():
         spec = centralised_spec(specs, t.get("ceiling"))
+        for key, value in scale_config(paper, scale).get("ceiling", {}).get("set", {}).items():
+            _set_dotted(spec, key, value)  # a centralised paper's ceiling: a larger model or a longer schedule
         dataset = spec["dataset"]
         where = partition_label(spec["partition"]) if per_client else ""
         out.append(Ceiling(dataset["name"], dataset.get("train_limit"), eval_args,

@@ -105,4 +105,17 @@ def test_two_stream_adaptation_run_killed_and_resumed_equals_uninterrupted(tmp_p
             "method": {**spec["method"], "pretrain_rounds": 3}, "training": {**spec["training"], "rounds": 8}}
     resumed, reference, killed_at = kill_and_resume(tmp_path, spec, kill_from=4, kill_before=8)
     assert killed_at > spec["method"]["pretrain_rounds"]
+
+
+FRSKD_RUN = {"dataset": {"name": "digits5", "train_limit": 600, "test_limit": 200},
+             "partition": {"scheme": "iid", "clients": 1}, "model": {"name": "resnet8", "norm": "bn", "width": 4},
+             "training": {"rounds": 8, "client_fraction": 1.0, "local_epochs": 1, "batch_size": 32, "lr": 0.05,
+                          "momentum": 0.9, "weight_decay": 5e-4, "lr_decay": 0.9, "keep_optimizer": True}, "seed": 2}
+
+
+@pytest.mark.parametrize("method", [{"name": "frskd"}, {"name": "cs_kd"}])
+def test_frskd_and_cs_kd_killed_and_resumed_equal_uninterrupted(tmp_path, method):
+    """FRSKD (the classifier and its self-teacher in one model, one optimiser state) and CS-KD (same-class partners
+    drawn per round) killed mid-way and restarted end bit-identical to an uninterrupted run."""
+    resumed, reference, _ = kill_and_resume(tmp_path, {**FRSKD_RUN, "method": method}, kill_from=3, kill_before=8)
     assert repeatable_part(resumed) == repeatable_part(reference)

@@ -105,6 +105,36 @@ class ResidualConv1d(nn.Module):
         return torch.relu(x + self.conv(x))
 
 
+def stage_ends(model: Classifier) -> list[int]:
+    """Indices into `model.features` (a ResNet from `resnet` or `resnet18`) of the last block of each stage: a
+    BasicBlock whose successor is not a BasicBlock of stride 1 (the next stage's first block halves the map)."""
+    children = list(model.features)
+    ends = [i for i, m in enumerate(children) if isinstance(m, BasicBlock)
+            and not (i + 1 < len(children) and isinstance(children[i + 1], BasicBlock)
+                     and children[i + 1].conv1.stride == (1, 1))]
+    if not ends:
+        raise SuiteError(f"{type(model.features).__name__} has no residual stages: feature maps per stage need a "
+                         "ResNet (resnet8/20/56, resnet18)")
+    return ends
+
+
+def stage_channels(model: Classifier) -> list[int]:
+    """The channels of each stage's output map (see `stage_maps`)."""
+    children = list(model.features)
+    return [children[i].conv2.out_channels for i in stage_ends(model)]
+
+
+def stage_maps(model: Classifier, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The output map of every residual stage (after its ReLU, finest first) and the logits, in one forward pass:
+    the multi-scale features that feature distillation (attention transfer, FRSKD's self-teacher) works on."""
+    ends, maps, out = set(stage_ends(model)), [], x
+    for i, layer in enumerate(model.features):
+        out = layer(out)
+        if i in ends:
+            maps.append(out)
+    return maps, model.head(out)
+
+
 def cnn1d(in_channels: int, num_classes: int, norm: str = "none", channels: tuple[int, ...] = (16, 16, 16),
           input_size: int = 40, hidden: tuple[int, ...] = (), blocks: int = 1) -> Classifier:
     """Small 1-D CNN for sequences such as mnist1d's 40-sample signals: 5-tap convolutions with stride 2 and ReLU,

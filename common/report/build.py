@@ -339,8 +339,10 @@ class ReportBuilder:
                       "target labels)" if how.get("held_out_only") else
                       "the pooled training data of all clients (in a leave-one-site-out table: of every site, the "
                       "held-out one's training split included)")
-        return [f"**Ceiling ({self.scale} scale)** — the same model trained centrally on {trained_on} "
-                f"for the rounds × local epochs of the longest cell, {evaluated}; the room is the ceiling minus "
+        own = scale_config(self.paper, self.scale).get("ceiling")  # a centralised paper's own ceiling run
+        model = (f"{own['text'].rstrip('.')}, trained centrally on the pooled training data" if own else
+                 f"the same model trained centrally on {trained_on} for the rounds × local epochs of the longest cell")
+        return [f"**Ceiling ({self.scale} scale)** — {model}, {evaluated}; the room is the ceiling minus "
                 f"the {'target' if rounds else 'best such baseline'}. A room under 3 points leaves no space for the "
                 f"claimed effect. The paper reports no centralised number for this table.", "",
                 _md_table(["dataset analog", "rounds × epochs", "ceiling", what, "room (points)"], lines), ""]

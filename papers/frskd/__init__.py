@@ -1,0 +1,1 @@
+"""Refine Myself by Teaching Myself: Feature Refinement via Self-Knowledge Distillation (Ji, Shin, Hwang, Park, Moon, CVPR 2021)."""
