@@ -56,22 +56,6 @@ def predictive_kl(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tens
 
 # --- feature-map distillation (FSP; KD-SVD / KD-EID of Lee, Kim, Song, ECCV 2018 and Lee, Song, TNNLS) ---------------
 
-def stage_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The model's logits and its feature maps at the ends of its stages (`model.stage_ends`: indices into
-    `model.features`, set by the models that have stages: cnn1d, the CIFAR ResNets), in one forward pass."""
-    ends = getattr(model, "stage_ends", None)
-    if ends is None:
-        from common.errors import SuiteError
-        raise SuiteError(f"{type(model).__name__} names no stage outputs (stage_ends); feature distillation needs "
-                         f"a model with stages (cnn1d, resnet8/20/32/56)")
-    feats, h = [], x
-    for i, layer in enumerate(model.features):
-        h = layer(h)
-        if i in ends:
-            feats.append(h)
-    return model.head(h), feats
-
-
 def fsp_matrix(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
     """Flow of solution procedure (Yim et al. 2017) between two feature maps (B, C1, *S1) and (B, C2, *S2): the
     (B, C1, C2) matrix G_ij = sum_s top_i(s) bottom_j(s) / |S2|; a larger `top` is max-pooled to bottom's size first

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from common.distill import (align_singular_vectors, fsp_loss, fsp_matrix, kd_svd_loss, rbf_correlation,
-                            stage_features, truncated_decomposition)
+                            truncated_decomposition)
 from common.errors import SuiteError
+from common.models import stage_maps
 
 
 def np_top_v(x: np.ndarray, k: int):
@@ -167,19 +168,19 @@ def test_clipped_gradient_against_a_direct_computation():
 
 
 # --- the networks and their feature points ----------------------------------------------------------------------
-def test_stage_features_of_the_teacher_and_student_networks():
+def test_stage_maps_of_the_teacher_and_student_networks():
     from common.models import build_model
     x = torch.randn(2, 1, 40)
     for blocks in (1, 3):
         m = build_model("cnn1d", in_channels=1, num_classes=10, input_size=40, channels=[8, 8, 8], blocks=blocks)
-        logits, feats = stage_features(m, x)
+        feats, logits = stage_maps(m, x)
         assert torch.allclose(logits, m(x)) and [tuple(f.shape) for f in feats] == [(2, 8, 20), (2, 8, 10), (2, 8, 5)]
     for name in ("resnet8", "resnet32"):
         m = build_model(name, in_channels=3, num_classes=100, input_size=32, width=16).eval()
-        logits, feats = stage_features(m, torch.randn(2, 3, 32, 32))
+        feats, logits = stage_maps(m, torch.randn(2, 3, 32, 32))
         assert [tuple(f.shape[1:]) for f in feats] == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
     with pytest.raises(SuiteError, match="stage"):
-        stage_features(build_model("mlp", in_channels=1, num_classes=10, input_size=8), torch.randn(2, 1, 8, 8))
+        stage_maps(build_model("mlp", in_channels=1, num_classes=10, input_size=8), torch.randn(2, 1, 8, 8))
 
 
 def test_paper_scale_data_and_networks_on_written_cifar100_files(tmp_path, monkeypatch):
@@ -191,8 +192,8 @@ def test_paper_scale_data_and_networks_on_written_cifar100_files(tmp_path, monke
     assert tuple(data.train.x.shape) == (6, 3, 32, 32) and data.num_classes == 100
     student = build_model("resnet8", in_channels=3, num_classes=100, input_size=32, width=64).eval()
     teacher = build_model("resnet32", in_channels=3, num_classes=100, input_size=32, width=64).eval()
-    _, fs = stage_features(student, data.train.x)
-    _, ft = stage_features(teacher, data.train.x)
+    fs, _ = stage_maps(student, data.train.x)
+    ft, _ = stage_maps(teacher, data.train.x)
     assert [f.shape for f in fs] == [f.shape for f in ft]
     assert torch.isfinite(kd_svd_loss(fs, ft)) and torch.isfinite(fsp_loss(fs, ft))
 

@@ -105,29 +105,34 @@ class ResidualConv1d(nn.Module):
         return torch.relu(x + self.conv(x))
 
 
-def stage_ends(model: Classifier) -> list[int]:
-    """Indices into `model.features` (a ResNet from `resnet` or `resnet18`) of the last block of each stage: a
-    BasicBlock whose successor is not a BasicBlock of stride 1 (the next stage's first block halves the map)."""
+def _stage_ends(model: Classifier) -> list[int]:
+    """Indices into `model.features` of the last layer of each stage: `model.stage_ends` where the builder set it
+    (cnn1d, the CIFAR ResNets), otherwise (resnet18) each BasicBlock whose successor is not a BasicBlock of stride
+    1 (the next stage's first block halves the map)."""
+    ends = getattr(model, "stage_ends", None)
+    if ends is not None:
+        return list(ends)
     children = list(model.features)
     ends = [i for i, m in enumerate(children) if isinstance(m, BasicBlock)
             and not (i + 1 < len(children) and isinstance(children[i + 1], BasicBlock)
                      and children[i + 1].conv1.stride == (1, 1))]
     if not ends:
-        raise SuiteError(f"{type(model.features).__name__} has no residual stages: feature maps per stage need a "
-                         "ResNet (resnet8/20/56, resnet18)")
+        raise SuiteError(f"{type(model.features).__name__} has no stages: feature maps per stage need cnn1d, a CIFAR "
+                         "ResNet (resnet8/20/32/56) or resnet18")
     return ends
 
 
 def stage_channels(model: Classifier) -> list[int]:
-    """The channels of each stage's output map (see `stage_maps`)."""
+    """The channels of each stage's output map (see `stage_maps`): those of the last convolution up to its end."""
     children = list(model.features)
-    return [children[i].conv2.out_channels for i in stage_ends(model)]
+    convs = lambda i: [m for c in children[:i + 1] for m in c.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    return [convs(i)[-1].out_channels for i in _stage_ends(model)]
 
 
 def stage_maps(model: Classifier, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The output map of every residual stage (after its ReLU, finest first) and the logits, in one forward pass:
-    the multi-scale features that feature distillation (attention transfer, FRSKD's self-teacher) works on."""
-    ends, maps, out = set(stage_ends(model)), [], x
+    """The output map of every stage (after its ReLU, finest first) and the logits, in one forward pass: the
+    multi-scale features that feature distillation (FSP, KD-SVD, attention transfer, FRSKD's self-teacher) works on."""
+    ends, maps, out = set(_stage_ends(model)), [], x
     for i, layer in enumerate(model.features):
         out = layer(out)
         if i in ends:

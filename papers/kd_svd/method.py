@@ -28,11 +28,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common.distill import fsp_loss, kd_loss, kd_svd_loss, stage_features
+from common.distill import fsp_loss, kd_loss, kd_svd_loss
 from common.errors import SuiteError
 from common.fl.algorithms import Centralised, register_algorithm
 from common.fl.engine import clone_state
-from common.models import build_model
+from common.models import build_model, stage_maps
 
 DISTILL = ("none", "kd", "fsp", "svd", "eid")
 
@@ -143,9 +143,9 @@ class KDSVD(Centralised):
                 target = F.softmax(self.teacher_model(x) / self.kd_temperature, dim=1)
             return (1 - self.kd_alpha) * F.cross_entropy(logits, y) + \
                 self.kd_alpha * kd_loss(logits, target, self.kd_temperature, t_squared=False)
-        logits, feats = stage_features(model, x)
+        feats, logits = stage_maps(model, x)
         with torch.no_grad():
-            _, t_feats = stage_features(self.teacher_model, x)
+            t_feats, _ = stage_maps(self.teacher_model, x)
         if self.phase == "init":  # FSP's first stage: the teacher's FSP matrices alone
             return self.fsp_weight * fsp_loss(feats, t_feats)
         ce = F.cross_entropy(logits, y)
