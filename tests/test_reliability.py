@@ -301,8 +301,9 @@ def smoke_spec(method: str) -> dict:
     assert spec is not None, f"no paper runs algorithm '{method}' at smoke scale: add a spec here to test it"
     spec = copy.deepcopy(spec)
     spec["training"].update(rounds=2, client_fraction=1.0, local_epochs=1)
-    if "teacher_rounds" in spec["method"]:  # KD fidelity: teachers in round 1, the student in round 2
+    if "teacher_rounds" in spec["method"]:  # KD fidelity, KD-SVD: teachers in round 1, the student in round 2
         spec["method"]["teacher_rounds"] = 1
+        spec["method"].pop("init_rounds", None)  # FSP's warm-up stage: its own resume test is in test_resume.py
     spec["dataset"].update(train_limit=300, test_limit=100)
     if spec["partition"]["scheme"] != "domain":
         spec["partition"]["clients"] = min(spec["partition"]["clients"], 3)
