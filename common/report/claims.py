@@ -158,12 +158,18 @@ def _compare(what: str, iv: Interval, outcome: str) -> dict:
 def better_in_every_cell(values: Table, table_rows: list[str], table_cols: list[str], lower_is_better: bool, *, pairs,
                          columns=None, strict: bool = True) -> Verdict:
     """For every pair [a, b] and every column: row a is better than row b (at least as good, when strict is false)."""
+    return _pairs_better(values, pairs, columns or table_cols, lambda r, c: (r, c), "{a} vs {b} at {o}",
+                         lower_is_better, strict)
+
+
+def _pairs_better(values: Table, pairs, others, cell, label: str, lower_is_better: bool, strict: bool) -> Verdict:
+    """For every pair [a, b] and every o of `others`: cell(a, o) is better than cell(b, o), paired by seed."""
     comparisons = []
     for a, b in pairs:
-        for c in columns or table_cols:
-            iv = paired_advantage(values, (a, c), (b, c), lower_is_better)
+        for o in others:
+            iv = paired_advantage(values, cell(a, o), cell(b, o), lower_is_better)
             if iv is not None:
-                comparisons.append(_compare(f"{a} vs {b} at {c}", iv, directional(iv, strict)))
+                comparisons.append(_compare(label.format(a=a, b=b, o=o), iv, directional(iv, strict)))
     return _combine(comparisons)
 
 
@@ -204,13 +210,8 @@ def column_better(values: Table, table_rows, table_cols, lower_is_better: bool, 
                   strict: bool = True) -> Verdict:
     """For every pair [a, b] of columns and every row: column a is better than column b in that row, paired by seed
     (a table whose columns are metrics of the same runs, e.g. a student's accuracy above its teacher's)."""
-    comparisons = []
-    for a, b in pairs:
-        for r in rows or table_rows:
-            iv = paired_advantage(values, (r, a), (r, b), lower_is_better)
-            if iv is not None:
-                comparisons.append(_compare(f"{r}: {a} vs {b}", iv, directional(iv, strict)))
-    return _combine(comparisons)
+    return _pairs_better(values, pairs, rows or table_rows, lambda c, r: (r, c), "{o}: {a} vs {b}",
+                         lower_is_better, strict)
 
 
 def at_most(values: Table, table_rows, table_cols, lower_is_better: bool, *, bound, rows=None,
