@@ -42,9 +42,9 @@ EMNIST_SPLIT = "byclass"
 EMNIST_SOURCE = "https://www.nist.gov/itl/products-and-services/emnist-dataset"
 
 
-def _emnist_files(root: Path) -> list[Path]:
+def _emnist_files(root: Path, split: str = EMNIST_SPLIT) -> list[Path]:
     raw = root / "EMNIST" / "raw"  # torchvision.datasets.EMNIST's layout
-    return [raw / f"emnist-{EMNIST_SPLIT}-{part}-{kind}-ubyte" for part in ("train", "test")
+    return [raw / f"emnist-{split}-{part}-{kind}-ubyte" for part in ("train", "test")
             for kind in ("images-idx3", "labels-idx1")]
 
 
@@ -54,6 +54,13 @@ TINYIMAGENET_HOWTO = ("Download http://cs231n.stanford.edu/tiny-imagenet-200.zip
 # CIFAR-10's class order, which CINIC-10 shares
 CINIC10_DIR = "cinic-10"
 CINIC10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# CelebA's smiling attribute as an image folder (FedGen's CelebA task: LEAF's celebrities, images resized to 84x84)
+CELEBA_DIR = "celeba-smiling"
+CELEBA_CLASSES = ("not_smiling", "smiling")
+CELEBA_SIZE = 84
+CELEBA_HOWTO = ("Build it from CelebA (e.g. with LEAF's data/celeba scripts, as FedGen's data/CelebA/README.md does): "
+                "images resized to 84x84 under <data_root>/celeba-smiling/{train,test}/{not_smiling,smiling}/*.png "
+                "(or .jpg) by the Smiling attribute")
 CINIC10_HOWTO = ("Download CINIC-10.tar.gz from https://datashare.ed.ac.uk/handle/10283/3192 on a machine with "
                  "internet access and unpack it into <data_root>/cinic-10/ (giving <data_root>/cinic-10/train/"
                  "airplane/*.png)")
@@ -77,6 +84,8 @@ def _folder_missing(name: str, root: Path) -> list[str]:
         folders.append(base / "val" / "images")
     elif name == "cinic10":
         files, folders = [], [root / CINIC10_DIR / s / c for s in ("train", "test") for c in CINIC10_CLASSES]
+    elif name == "celeba_smiling":
+        files, folders = [], [root / CELEBA_DIR / s / c for s in ("train", "test") for c in CELEBA_CLASSES]
     else:
         return []
     return ([str(f) for f in files if not f.is_file()] +
@@ -84,10 +93,12 @@ def _folder_missing(name: str, root: Path) -> list[str]:
 
 
 def missing_files(name: str, root: Path) -> list[str]:
-    if name in ("tinyimagenet", "cinic10"):
+    if name in ("tinyimagenet", "cinic10", "celeba_smiling"):
         return _folder_missing(name, root)
     if name == "emnist":
         return [str(f) for f in _emnist_files(root) if not f.is_file()]
+    if name == "emnist_letters":
+        return [str(f) for f in _emnist_files(root, "letters") if not f.is_file()]
     if name == "mnist":
         return [str(f) for f in _mnist_files(root) if not f.is_file()]
     if name not in TORCHVISION_CLASSES:
@@ -166,6 +177,26 @@ def emnist(root: Path) -> Dataset:
 
     return Dataset("emnist", to_split(train), to_split(test), len(emnist_cls.classes_split_dict[EMNIST_SPLIT]),
                    f"EMNIST {EMNIST_SPLIT} from {root / 'EMNIST' / 'raw'} (torchvision format), 28x28x1, "
+                   f"values in [0, 1]")
+
+
+@register("emnist_letters")
+def emnist_letters(root: Path) -> Dataset:
+    """EMNIST 'letters' (26 classes, a-z with upper and lower case merged; FedGen's EMNIST): torchvision's labels
+    1..26 become 0..25."""
+    emnist_cls = _datasets().EMNIST
+    train, test = _idx_dataset("emnist_letters", emnist_cls, root, EMNIST_SOURCE, lambda: tuple(
+        emnist_cls(str(root), split="letters", train=t) for t in (True, False)), split="letters")
+
+    def to_split(ds) -> Split:
+        x = ds.data.transpose(1, 2).unsqueeze(1).float() / 255.0  # stored transposed, as in `emnist`
+        y = ds.targets.to(torch.int64) - 1
+        if len(y) and (y.min() < 0 or y.max() > 25):
+            raise DatasetCorrupt(f"emnist_letters in '{root / 'EMNIST' / 'raw'}': labels outside 1..26; re-download it")
+        return Split(x.contiguous(), y)
+
+    return Dataset("emnist_letters", to_split(train), to_split(test), 26,
+                   f"EMNIST letters from {root / 'EMNIST' / 'raw'} (torchvision format), 26 classes, 28x28x1, "
                    f"values in [0, 1]")
 
 
@@ -276,6 +307,28 @@ def tinyimagenet(root: Path) -> Dataset:
                    _standardised(data["test_x"], data["test_y"], mean, std), len(wnids),
                    f"Tiny-ImageNet from {base} (train: train/, test: val/ with val_annotations.txt), "
                    f"{len(wnids)} classes, 64x64x3, per-channel standardised")
+
+
+@register("celeba_smiling")
+def celeba_smiling(root: Path) -> Dataset:
+    """CelebA's smiling attribute from `celeba-smiling/{train,test}/{not_smiling,smiling}/`: .png or .jpg images
+    of 84x84, RGB in [0, 1] (the authors' CelebA input), labels not_smiling = 0, smiling = 1."""
+    _require("celeba_smiling", root, CELEBA_HOWTO)
+    base = root / CELEBA_DIR
+
+    def files(split: str):
+        out = []
+        for ext in (".png", ".jpg"):
+            folder_files = [(p, label) for label, c in enumerate(CELEBA_CLASSES)
+                            for p in sorted(str(f) for f in (base / split / c).rglob(f"*{ext}"))]
+            out += folder_files
+        return sorted(out, key=lambda t: (t[1], t[0]))
+    train, test = files("train"), files("test")
+    data = _cached_images("celeba_smiling", root, train, test, [], CELEBA_SIZE)
+    to_split = lambda x, y: Split(x.float().div_(255.0), y)
+    return Dataset("celeba_smiling", to_split(data["train_x"], data["train_y"]),
+                   to_split(data["test_x"], data["test_y"]), 2,
+                   f"CelebA smiling from {base} (train/, test/; not_smiling = 0, smiling = 1), 84x84x3, values in [0, 1]")
 
 
 @register("cinic10")

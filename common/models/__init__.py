@@ -255,6 +255,28 @@ def mlp(in_channels: int, num_classes: int, norm: str = "none", hidden: tuple[in
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
     return Classifier(nn.Sequential(*layers), width, num_classes)
+def strided_cnn(in_channels: int, num_classes: int, norm: str = "bn", channels: tuple[int, ...] = (6, 16),
+                pool: bool = False, latent: int = 32, input_size: int = 28) -> Classifier:
+    """FedGen's CNN (Zhu et al. 2021, authors' `Net` with `CONFIGS_`): 3x3 convolutions with stride 2 and padding 1,
+    each followed by the norm and ReLU (and a 2x2 max-pool with `pool`), flattened, then one linear layer to a
+    `latent`-dim representation *without* an activation; the head is the linear classifier on that representation
+    (the latent space in which FedGen's generator produces samples). MNIST/EMNIST: channels (6, 16), latent 32;
+    CelebA: channels (16, 32, 64) with pooling."""
+    layers: list[nn.Module] = []
+    cin, side = in_channels, input_size
+    for cout in channels:
+        layers += [nn.Conv2d(cin, cout, 3, 2, 1), norm_layer(norm, cout), nn.ReLU()]
+        side = (side + 1) // 2
+        if pool:
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
+        cin = cout
+    if side < 1:
+        raise SuiteError(f"strided_cnn: {len(channels)} stages reduce a {input_size}-pixel input to nothing")
+    layers += [nn.Flatten(), nn.Linear(cin * side * side, latent)]
+    return Classifier(nn.Sequential(*layers), latent, num_classes)
+
+
 def pretrained_encoder(**params) -> Classifier:
     """A pretrained text encoder with a linear head (`common/models/text.py`; imported here only when used, as it
     imports `transformers`)."""
@@ -280,6 +302,7 @@ MODELS = {
     "alexnet_bn": alexnet_bn,
     "fedavg_cnn": fedavg_cnn,
     "mlp": mlp,
+    "strided_cnn": strided_cnn,
     "pretrained_encoder": pretrained_encoder,
     "unet": lambda **kw: _unet(**kw),
     "motion_transfer": motion_transfer,
@@ -299,7 +322,7 @@ def build_model(name: str, in_channels: int, num_classes: int, input_size: int, 
     pretrained checkpoints that do not ship with a package are read from."""
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
-    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp", "unet", "motion_transfer"):
+    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp", "strided_cnn", "unet", "motion_transfer"):
         params = {"input_size": input_size, **params}
     if name == "pretrained_encoder":
         params = {"data_root": data_root, **params}
