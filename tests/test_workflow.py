@@ -198,6 +198,7 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
     ("beyond_sharing", ["MNIST/raw/train-images-idx3-ubyte", "usps/usps.bz2", "office31/amazon/images/back_pack/",
                         "office31/webcam/images/trash_can/"]),
     ("kd_svd", ["cifar-100-python/train"]),
+    ("fedreid", ["reid/Market/pytorch/train_all/", "reid/ilids/pytorch/train_all/", "reid/cuhk02/pytorch/train_all/"]),
 ])
 def test_missing_paper_scale_data_is_one_clear_error(tmp_path, paper, expected_files):
     proc = snakemake(tmp_path, "-n", f"reports/{paper}.md", "--config", "scale=paper",
