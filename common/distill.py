@@ -26,6 +26,14 @@ def ensemble_probs(models_logits: list[torch.Tensor], temperature: float = 1.0, 
 
 
 @torch.no_grad()
+def ensemble_features(models_features: list[torch.Tensor], normalise: bool = True) -> torch.Tensor:
+    """Feature-regression target of an ensemble (FedReID's server distillation): the mean of the members'
+    features, each row L2-normalised first when `normalise` (the authors' `--regularization`)."""
+    feats = [F.normalize(f, p=2, dim=1) if normalise else f for f in models_features]
+    return torch.stack(feats).mean(0)
+
+
+@torch.no_grad()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     model.eval()
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])

@@ -132,3 +132,18 @@ def test_fedgen_killed_and_resumed_equals_uninterrupted(tmp_path):
     resumed, reference, killed_at = kill_and_resume(tmp_path, spec, kill_from=3, kill_before=8)
     assert killed_at >= 2  # the generator regularises the clients from round 1 on: resumed with a trained generator
     assert repeatable_part(resumed) == repeatable_part(reference)
+
+
+FEDREID_RUN = {"dataset": {"name": "reid_synth_smoke"}, "partition": {"scheme": "domain", "clients": 6},
+               "model": {"name": "cnn", "channels": [4, 8], "hidden": [16], "norm": "bn"},
+               "training": {"rounds": 8, "client_fraction": 1.0, "local_epochs": 1, "batch_size": 32, "lr": 0.05,
+                            "momentum": 0.9, "weight_decay": 5e-4}, "seed": 1}
+
+
+@pytest.mark.parametrize("method", [{"name": "fedpav", "kd": True, "kd_every": 2, "cdw": True},
+                                    {"name": "reid_local"}], ids=["fedpav_kd_cdw", "reid_local"])
+def test_fedreid_killed_and_resumed_equals_uninterrupted(tmp_path, method):
+    """FedReID's FedPav with distillation every other round and cosine distance weights (the clients' local
+    identity classifiers and distances in the checkpoint), and local training, killed mid-way and restarted."""
+    resumed, reference, _ = kill_and_resume(tmp_path, {**FEDREID_RUN, "method": method}, kill_from=3, kill_before=8)
+    assert repeatable_part(resumed) == repeatable_part(reference)

@@ -200,6 +200,7 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
     ("kd_svd", ["cifar-100-python/train"]),
     ("fedgen", ["MNIST/raw/train-images-idx3-ubyte", "EMNIST/raw/emnist-letters-train-images-idx3-ubyte",
                 "celeba-smiling/train/smiling/"]),
+    ("fedreid", ["reid/Market/pytorch/train_all/", "reid/ilids/pytorch/train_all/", "reid/cuhk02/pytorch/train_all/"]),
 ])
 def test_missing_paper_scale_data_is_one_clear_error(tmp_path, paper, expected_files):
     proc = snakemake(tmp_path, "-n", f"reports/{paper}.md", "--config", "scale=paper",

@@ -101,7 +101,12 @@ def evaluate_clients(run: "FederatedRun", model_for_client) -> dict:
     multi-domain data domain_accuracy and domain_loss map each client's domain name to its values. On segmentation
     data (masks with named `structures`) a split's accuracy is its mean Dice over structures and its loss the Dice
     loss (`common/segmentation.py`), and domain_dice, domain_hd95 and domain_hd95_undefined map each domain to its
-    per-structure values (a held-out site of a leave-one-site-out run is evaluated like the others)."""
+    per-structure values (a held-out site of a leave-one-site-out run is evaluated like the others). On a retrieval
+    dataset (person re-identification, `extra["retrieval"]`) each domain's queries are ranked against its gallery
+    instead (`common.retrieval.evaluate_retrieval`: rank-1 and mAP per domain)."""
+    if run.ctx.data.extra.get("retrieval"):  # person re-identification: rank-1 and mAP per domain
+        from common.retrieval import evaluate_retrieval
+        return evaluate_retrieval(run, model_for_client)
     structures = tuple(run.ctx.data.extra.get("structures", ()))
     accs, losses, sizes, per_structure = [], [], [], []
     for k, idx in enumerate(run.client_tests):

@@ -633,6 +633,8 @@ class ReportBuilder:
             return self._segmentation_samples(spec, ds, figures_dir, report_dir)
         if ds.extra.get("video"):
             return self._video_samples(spec, ds, figures_dir, report_dir)
+        if ds.extra.get("retrieval"):
+            return self._reid_samples(spec, ds, figures_dir, report_dir)
         test = ds.test
         names = ds.domains or ("",)
         domain = test.domain if test.domain is not None else test.y.new_zeros(len(test))
@@ -649,6 +651,26 @@ class ReportBuilder:
         rel = Path(os.path.relpath(path, report_dir))
         return "\n".join([f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
                           f"The first test image of each class. Dataset: {ds.description}.", ""])
+
+    def _reid_samples(self, spec: dict, ds, figures_dir: Path, report_dir: Path, identities: int = 3,
+                      cameras: int = 4) -> str:
+        """A person re-identification dataset: per domain, its first test identities, each in every camera."""
+        test, cams = ds.test, ds.extra["test_camera"]
+        grid = []
+        for d in range(len(ds.domains)):
+            row = []
+            for i in test.y[test.domain == d].unique()[:identities]:
+                for c in range(cameras):
+                    idx = ((test.domain == d) & (test.y == i) & (cams == c)).nonzero().flatten()
+                    row.append(test.x[idx[0]] if len(idx) else None)
+            grid.append(row)
+        path = figures_dir / f"{self.name}_{spec['name']}.png"
+        sample_grid(grid, list(ds.domains), [f"id {k + 1} cam {c + 1}" for k in range(identities) for c in range(cameras)],
+                    f"{spec['title']} — {self.scale} scale", path)
+        rel = Path(os.path.relpath(path, report_dir))
+        return "\n".join([f"## {spec['title']}", "", f"![{spec['title']}]({rel.as_posix()})", "",
+                          f"Per dataset (row), its first {identities} test identities, each seen by cameras 1-{cameras} "
+                          f"(empty: the dataset has fewer cameras). Dataset: {ds.description}.", ""])
 
     def _segmentation_samples(self, spec: dict, ds, figures_dir: Path, report_dir: Path, per_site: int = 6) -> str:
         """The first test images of each site of a segmentation dataset, each structure outlined."""

@@ -30,15 +30,18 @@ def best_accuracy(result: dict, top: int = 1) -> tuple[float, bool]:
     return 100.0 * float(np.mean(accs[:top])), False
 
 
-def domain_accuracy(result: dict, domain: str) -> tuple[float, bool]:
+def domain_accuracy(result: dict, domain: str, last_rounds: int | None = None) -> tuple[float, bool]:
     """Test accuracy (%) on one domain after the last round, as logged by a run on a multi-domain dataset (the
-    global model, or the own model of the client holding the domain for personalised methods)."""
+    global model, or the own model of the client holding the domain for personalised methods); with `last_rounds`,
+    its mean over the last that many rounds (a retrieval run's rank-1: common/retrieval.py)."""
     per_round = result["metrics"].get("domain_accuracy")
     if not per_round:
         raise ValueError(f"run {result.get('run_id', '?')} logged no per-domain accuracy; its dataset has no domains")
     last = per_round[-1]
     if domain not in last:
         raise ValueError(f"run {result.get('run_id', '?')} has no domain '{domain}'; it has {', '.join(last)}")
+    if last_rounds:
+        return 100.0 * float(np.mean([r[domain] for r in per_round[-last_rounds:]])), False
     return 100.0 * last[domain], False
 
 
@@ -104,11 +107,12 @@ def weight_divergence(result: dict, last_rounds: int | None = None) -> tuple[flo
 
 
 def logged(result: dict, logged: str, minus: str | None = None, reduce: str = "mean", scale: float = 1.0,
-           prefix: str = "", entry: str | int | None = None) -> tuple[float, bool]:
+           prefix: str = "", entry: str | int | None = None, last_rounds: int | None = None) -> tuple[float, bool]:
     """A per-round diagnostic a method logged (e.g. FedDF's `distill_changed`), or the difference of two
     (`logged` - `minus`), reduced over all rounds by its mean or sum (or its value after the first or the last
-    round: `first`, `last`), times `scale`; rounds without a value are left out. `prefix` reads `<prefix><logged>` (a
-    method that logs the same metric for references, e.g. MRAA's `copy_l1` beside `l1`). With `entry`, the
+    round: `first`, `last`; `std`: its standard deviation over rounds, ddof 1, e.g. how a test accuracy oscillates),
+    times `scale`; rounds without a value are left out, and with `last_rounds` only the last that many rounds count.
+    `prefix` reads `<prefix><logged>` (a method that logs the same metric for references, e.g. MRAA's `copy_l1` beside `l1`). With `entry`, the
     diagnostic is a per-round mapping or list (e.g. a value per site) and its value at `entry` is read."""
     logged = prefix + logged
     per_round = result["metrics"].get(logged)
@@ -120,9 +124,12 @@ def logged(result: dict, logged: str, minus: str | None = None, reduce: str = "m
     if minus:
         other = result["metrics"][minus]
         other = [None if r is None else r[entry] for r in other] if entry is not None else other
-    values = [a - b for a, b in zip(per_round, other) if a is not None and b is not None]
+    pairs = list(zip(per_round, other))[-last_rounds:] if last_rounds else zip(per_round, other)
+    values = [a - b for a, b in pairs if a is not None and b is not None]
     if not values:
         return math.nan, False
+    if reduce == "std":
+        return (scale * float(np.std(values, ddof=1)) if len(values) > 1 else math.nan), False
     if reduce in ("first", "last"):
         return scale * float(values[0 if reduce == "first" else -1]), False
     return scale * float(np.sum(values) if reduce == "sum" else np.mean(values)), False
