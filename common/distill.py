@@ -173,11 +173,14 @@ def kd_svd_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Ten
     return total
 
 
-def kd_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                   teacher_eps: float = 0.0) -> torch.Tensor:
     """Soft-label distillation from another network's (or the same network's) logits, which get no gradient:
     T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch (`kd_loss` with the teacher's
-    distribution at temperature T). FRSKD's classifier <- self-teacher loss and CS-KD's class-wise loss."""
-    return kd_loss(student_logits, F.softmax(teacher_logits.detach() / temperature, dim=1), temperature)
+    distribution at temperature T). FRSKD's classifier <- self-teacher loss and CS-KD's class-wise loss.
+    `teacher_eps` is added to every teacher probability (not renormalised), as FedGKT's code does (1e-7)."""
+    teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return kd_loss(student_logits, teacher + teacher_eps if teacher_eps else teacher, temperature)
 
 
 def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:

@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 PAPERS_DIR = REPO / "papers"
 SCHEMA_DIR = REPO / "config"
 EVAL_KEYS = ("target", "reference", "domain", "structure", "last_rounds", "logged", "minus", "reduce", "scale",
-             "prefix", "direction", "budget_of", "bandwidth_mbit", "latency_ms", "compute", "entry", "at_round", "top")  # cell keys that parameterise the metric, not the run
+             "prefix", "direction", "budget_of", "bandwidth_mbit", "latency_ms", "compute", "entry", "at_round",
+             "top", "quantity")  # cell keys that parameterise the metric, not the run
 
 
 def known_papers() -> list[str]:

@@ -18,6 +18,7 @@ from common.data.partition import partition, partition_fingerprint
 from common.errors import SuiteError, entry_point
 from common.fl import FederatedRun, RunContext, get_algorithm
 from common.models import build_model
+from common.models.compute import client_compute
 from common.results import provenance, read_spec, run_id, write_failed, write_json_atomic
 
 
@@ -107,7 +108,11 @@ def execute(spec: dict, data_root: str = "data", device: str = "cpu", threads: i
         },
         # counted after the algorithm's set-up, which may freeze part of the model (prompt tuning)
         "model": {"parameters": sum(p.numel() for p in ctx.model.parameters()),
-                  "trainable_parameters": sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)},
+                  "trainable_parameters": sum(p.numel() for p in ctx.model.parameters() if p.requires_grad),
+                  # a model that says which part a client runs (a split network's edge): that part's forward FLOPs
+                  # per sample and parameters, counted from it (common/models/compute.py)
+                  **({"client": client_compute(ctx.model, tuple(data.input_shape))}
+                     if hasattr(ctx.model, "client_model") else {})},
         "resumed_at_rounds": hist.resumed_at,
         "started": started.isoformat(timespec="seconds"),
         "wall_time_s": round(time.perf_counter() - t0, 3),

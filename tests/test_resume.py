@@ -147,3 +147,14 @@ def test_fedreid_killed_and_resumed_equals_uninterrupted(tmp_path, method):
     identity classifiers and distances in the checkpoint), and local training, killed mid-way and restarted."""
     resumed, reference, _ = kill_and_resume(tmp_path, {**FEDREID_RUN, "method": method}, kill_from=3, kill_before=8)
     assert repeatable_part(resumed) == repeatable_part(reference)
+
+
+def test_fedgkt_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """FedGKT's state (each client's edge model and Adam state, the server's logits of every training sample, the
+    server's Adam state) survives a SIGKILL between rounds."""
+    paper = load_paper("fedgkt")
+    spec = resolve_cell(paper, "accuracy", 0, 0, "smoke").specs[0]
+    spec = {**spec, "dataset": {"name": "mnist5k", "train_limit": 500, "test_limit": 200},  # slower rounds
+            "training": {**spec["training"], "rounds": 8}}
+    resumed, reference, _ = kill_and_resume(tmp_path, spec, kill_from=3, kill_before=8)
+    assert repeatable_part(resumed) == repeatable_part(reference)

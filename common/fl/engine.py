@@ -184,6 +184,7 @@ class FederatedRun:
         self.local_steps = t.get("local_steps")  # None: local_epochs passes over the client's data
         self.lr_decay = t.get("lr_decay", 1.0)  # client lr of round r: lr * lr_decay**r (1: constant)
         self.optimizer = t.get("optimizer", "sgd")
+        self.amsgrad = bool(t.get("amsgrad", False))  # Adam's AMSGrad variant (training.optimizer adam)
         # kept: each client's optimiser state (Adam's moments, momentum) carries over to its next round, so a
         # centralised run of R rounds is one optimiser over R epochs; by default every round starts a new one
         self.keep_optimizer = t.get("keep_optimizer", False)
@@ -281,12 +282,13 @@ class FederatedRun:
 
     def make_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         """The local optimiser, new for every client and round (`training.keep_optimizer` then restores the client's
-        state into it): `training.optimizer` sgd (default; with momentum and weight decay), adam, adamw or adafactor
+        state into it): `training.optimizer` sgd (default; with momentum and weight decay), adam (`training.amsgrad`:
+        its AMSGrad variant), adamw or adafactor
         (torch's, e.g. prompt tuning's Adafactor at lr 0.3). Parameters whose requires_grad is off (a frozen
         pretrained model) get no gradient and are never changed."""
         params = [p for p in model.parameters() if p.requires_grad]
-        if self.optimizer == "adam":  # FedDG's local optimiser (Adam, betas 0.9/0.999)
-            return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
+        if self.optimizer == "adam":  # FedDG's local optimiser (Adam, betas 0.9/0.999); FedGKT's with AMSGrad
+            return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay, amsgrad=self.amsgrad)
         if self.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
         if self.optimizer == "adafactor":

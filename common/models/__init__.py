@@ -307,7 +307,14 @@ MODELS = {
     "unet": lambda **kw: _unet(**kw),
     "motion_transfer": motion_transfer,
     "resnet_generator": resnet_generator,
+    "split_resnet": lambda **kw: _split_resnet(**kw),
 }
+
+
+def _split_resnet(**params):
+    """A CNN split between edge and server (FedGKT; `common/models/split.py`)."""
+    from common.models.split import split_resnet
+    return split_resnet(**params)
 
 
 def _unet(**params):
@@ -326,8 +333,8 @@ def build_model(name: str, in_channels: int, num_classes: int, input_size: int, 
         params = {"input_size": input_size, **params}
     if name == "pretrained_encoder":
         params = {"data_root": data_root, **params}
-    for key in ("channels", "hidden"):
-        if key in params:
+    for key in ("channels", "hidden", "server_blocks", "server_widths"):
+        if key in params and isinstance(params[key], list):
             params[key] = tuple(params[key])
     projection = params.pop("projection", None)
     model = MODELS[name](in_channels=in_channels, num_classes=num_classes, **params)

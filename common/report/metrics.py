@@ -205,12 +205,24 @@ def trainable_share(result: dict) -> tuple[float, bool]:
     return 100.0 * m["trainable_parameters"] / m["parameters"], False
 
 
+def client_compute(result: dict, quantity: str = "flops", scale: float = 1.0) -> tuple[float, bool]:
+    """What one client runs, counted from its model when the run was set up (`common/models/compute.py`): forward
+    FLOPs per sample (`flops`) or parameters (`parameters`) of the part of the model a client trains (a split
+    network's edge; the whole model otherwise), times `scale`."""
+    counts = result["model"].get("client")
+    if counts is None:
+        raise ValueError(f"run {result.get('run_id', '?')} has no client compute counts (its model does not say "
+                         f"which part a client runs: common/models/split.py)")
+    return scale * float(counts[quantity]), False
+
+
 METRICS = {"rounds_to_target": rounds_to_target, "final_accuracy": final_accuracy, "best_accuracy": best_accuracy,
            "domain_accuracy": domain_accuracy, "site_dice": site_dice, "site_hd95": site_hd95,
            "mean_last_accuracy": mean_last_accuracy, "accuracy_at_round": accuracy_at_round, "forgetting": forgetting,
            "weight_divergence": weight_divergence, "logged": logged,
            "bytes_to_target": bytes_to_target, "bytes_per_round": bytes_per_round, "accuracy_at_bytes": accuracy_at_bytes,
-           "time_to_target": time_to_target, "trainable_share": trainable_share}
+           "time_to_target": time_to_target, "trainable_share": trainable_share,
+           "client_compute": client_compute}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""FedGKT: Group Knowledge Transfer (He, Annavaram, Avestimehr, NeurIPS 2020)."""
