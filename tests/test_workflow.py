@@ -203,6 +203,7 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
     ("fedreid", ["reid/Market/pytorch/train_all/", "reid/ilids/pytorch/train_all/", "reid/cuhk02/pytorch/train_all/"]),
     ("fedgkt", ["cifar-10-batches-py/data_batch_1", "cifar-100-python/train", "cinic-10/train/airplane/",
                 "cinic-10/test/truck/"]),
+    ("fedkd", ["MIND/train/news.tsv", "MIND/dev/news.tsv", "smm4h_adr/train.tsv", "unilm-base/config.json"]),
 ])
 def test_missing_paper_scale_data_is_one_clear_error(tmp_path, paper, expected_files):
     proc = snakemake(tmp_path, "-n", f"reports/{paper}.md", "--config", "scale=paper",

@@ -189,6 +189,72 @@ def _superglue_missing(name: str, data_root: Path) -> list[str]:
     return [str(p) for p in files if not p.is_file()]
 
 
+# --- FedKD's corpora from local files (paper scale) ------------------------------------------------------------
+# MIND (news): `<data_root>/MIND/{train,dev}/news.tsv`, the MIND release's tab-separated news files (id, category,
+# subcategory, title, abstract, url, title entities, abstract entities; no header); a news title's label is its
+# category (the classes of the training split, sorted; dev news of other categories are dropped).
+# ADR (SMM4H 2018): `<data_root>/smm4h_adr/{train,test}.tsv`, one tweet per line as `label<TAB>text` (label 1: the
+# tweet reports an adverse drug reaction, 0: it does not; no header). Both read with `datasets` (its csv loader) and
+# tokenised with the vocabulary of the mentor checkpoint `<data_root>/unilm-base` (any BERT-style checkpoint folder).
+FEDKD_VOCABULARY = "unilm-base"
+FEDKD_CORPORA = {"mind": ("MIND", ("train/news.tsv", "dev/news.tsv")),
+                 "smm4h_adr": ("smm4h_adr", ("train.tsv", "test.tsv"))}
+
+
+def fedkd_files(name: str, data_root: Path) -> list[Path]:
+    folder, files = FEDKD_CORPORA[name]
+    return [Path(data_root) / folder / f for f in files] + [Path(data_root) / FEDKD_VOCABULARY / "config.json"]
+
+
+def load_fedkd_corpus(name: str, data_root: Path) -> Dataset:
+    missing = [str(p) for p in fedkd_files(name, data_root) if not p.is_file()]
+    if missing:
+        raise SuiteError(f"{name} needs {', '.join(missing)}; see papers/fedkd/README.md, 'Paper scale data'")
+    import datasets
+    from common.models.text import load_tokenizer
+    train_file, test_file = fedkd_files(name, data_root)[:2]
+    if name == "mind":
+        columns = ["id", "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities"]
+        text_col, label_col = "title", "category"
+    else:
+        columns, text_col, label_col = ["label", "text"], "text", "label"
+    ds = datasets.load_dataset("csv", data_files={"train": str(train_file), "test": str(test_file)}, delimiter="\t",
+                               column_names=columns, quoting=3, keep_default_na=False)
+    if name == "mind":
+        classes = sorted(set(ds["train"][label_col]))
+    else:
+        classes = [0, 1]
+    index = {c: i for i, c in enumerate(classes)}
+    texts, labels, n_train = [], [], 0
+    for split in ("train", "test"):
+        for r in ds[split]:
+            label = r[label_col] if name == "mind" else int(r[label_col])
+            if label not in index:
+                if split == "train":
+                    raise DatasetCorrupt(f"{train_file}: label {label!r} is not 0 or 1")
+                continue
+            texts.append(str(r[text_col]))
+            labels.append(index[label])
+        if split == "train":
+            n_train = len(texts)
+    idx = np.arange(len(texts))
+    words = tuple(str(c) for c in classes) if name == "mind" else ("no adr", "adr")
+    return text_dataset(name, texts, np.asarray(labels), idx[:n_train], idx[n_train:],
+                        load_tokenizer(FEDKD_VOCABULARY, data_root), words,
+                        f"{FEDKD_CORPORA[name][0]} from local files: {n_train:,} train / {len(texts) - n_train:,} test "
+                        f"texts, {len(classes)} classes", max_length=64)
+
+
+for _name in FEDKD_CORPORA:
+    register(_name)((lambda n: lambda data_root: load_fedkd_corpus(n, data_root))(_name))
+
+
+def _fedkd_missing(name: str, data_root: Path) -> list[str]:
+    if name not in FEDKD_CORPORA:
+        return []
+    return [str(p) for p in fedkd_files(name, data_root) if not p.is_file()]
+
+
 # --- word-token corpora (paper scale) ------------------------------------------------------------------------------
 VOCABULARY = 20_000
 PAD, UNKNOWN = 0, 1
@@ -282,4 +348,5 @@ def trec6(root: Path) -> Dataset:
 
 def missing_files(name: str, data_root: Path) -> list[str]:
     """Files (folders with a trailing /) of a text dataset that are not in data_root; [] for other datasets."""
-    return _corpus_missing(name, Path(data_root)) + _superglue_missing(name, Path(data_root))
+    return (_corpus_missing(name, Path(data_root)) + _superglue_missing(name, Path(data_root))
+            + _fedkd_missing(name, Path(data_root)))

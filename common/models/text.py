@@ -114,10 +114,25 @@ class PromptedEncoder(nn.Module):
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
 
 
+def freeze_below(encoder: nn.Module, trainable_layers: int) -> None:
+    """Freeze the encoder's embeddings and every transformer block but the top `trainable_layers` (requires_grad
+    off: no gradient, never in an optimiser, never changed)."""
+    blocks = encoder.encoder.block if hasattr(encoder.encoder, "block") else encoder.encoder.layer
+    if not 0 <= trainable_layers <= len(blocks):
+        raise SuiteError(f"trainable_layers must lie in [0, {len(blocks)}], got {trainable_layers}")
+    first = len(blocks) - trainable_layers
+    trainable = {id(p) for b in list(blocks)[first:] for p in b.parameters()}
+    for p in encoder.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
 def pretrained_encoder(in_channels: int, num_classes: int, checkpoint: str = "minilm-l6", layers: int | None = None,
-                       data_root: str | Path = "data"):
+                       data_root: str | Path = "data", trainable_layers: int | None = None):
     """A pretrained encoder with a linear classification head on its mean-pooled output (`in_channels`, the
-    padded sequence length, is not used). Only the head is newly initialised (from torch's global RNG)."""
+    padded sequence length, is not used). Only the head is newly initialised (from torch's global RNG). With
+    `trainable_layers` only the top that many blocks and the head train (embeddings and lower blocks frozen)."""
     from common.models import Classifier
     features = PromptedEncoder(load_encoder(checkpoint, data_root, layers))
+    if trainable_layers is not None:
+        freeze_below(features.encoder, trainable_layers)
     return Classifier(features, features.width, num_classes)
