@@ -174,3 +174,20 @@ def test_fedkd_killed_and_resumed_equals_uninterrupted(tmp_path):
     resumed, reference, _ = kill_and_resume(tmp_path, FEDKD_RUN, kill_from=3, kill_before=8)
     assert repeatable_part(resumed) == repeatable_part(reference)
     assert resumed["metrics"]["bytes_down"] == reference["metrics"]["bytes_down"]
+
+
+FEDALIGN_RUN = {"dataset": {"name": "mnist5k", "train_limit": 800, "test_limit": 200},
+                "partition": {"scheme": "dirichlet", "clients": 4, "alpha": 0.5, "min_size": 10},
+                "model": {"name": "resnet8", "norm": "bn", "width": 4}, "evaluation": {"local_flops": True},
+                "training": {"rounds": 8, "client_fraction": 1.0, "local_epochs": 2, "batch_size": 32, "lr": 0.05,
+                             "momentum": 0.9, "weight_decay": 5e-4, "max_grad_norm": 10}, "seed": 1}
+
+
+@pytest.mark.parametrize("method", [{"name": "fedalign"}, {"name": "gradaug", "subnets": 2, "scales": [1.0, 0.75]}],
+                         ids=["fedalign", "gradaug"])
+def test_fedalign_and_regularisers_killed_and_resumed_equal_uninterrupted(tmp_path, method):
+    """FedAlign (with gradient clipping) and GradAug (random widths and resolutions drawn from the global generator,
+    which the checkpoint carries; mixup and stochastic depth draw from it the same way), with the per-round FLOP
+    count, killed mid-way and restarted."""
+    resumed, reference, _ = kill_and_resume(tmp_path, {**FEDALIGN_RUN, "method": method}, kill_from=3, kill_before=8)
+    assert repeatable_part(resumed) == repeatable_part(reference)

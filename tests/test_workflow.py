@@ -204,6 +204,7 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
     ("fedgkt", ["cifar-10-batches-py/data_batch_1", "cifar-100-python/train", "cinic-10/train/airplane/",
                 "cinic-10/test/truck/"]),
     ("fedkd", ["MIND/train/news.tsv", "MIND/dev/news.tsv", "smm4h_adr/train.tsv", "unilm-base/config.json"]),
+    ("fedalign", ["cifar-10-batches-py/data_batch_1", "tiny-imagenet-200/wnids.txt"]),
 ])
 def test_missing_paper_scale_data_is_one_clear_error(tmp_path, paper, expected_files):
     proc = snakemake(tmp_path, "-n", f"reports/{paper}.md", "--config", "scale=paper",

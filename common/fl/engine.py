@@ -153,13 +153,17 @@ def evaluate_clients(run: "FederatedRun", model_for_client) -> dict:
 
 
 
-def minimise(losses, opt: torch.optim.Optimizer) -> tuple[float, int]:
+def minimise(losses, opt: torch.optim.Optimizer, max_grad_norm: float | None = None) -> tuple[float, int]:
     """One optimiser step on each loss of the iterable `losses` (computed lazily, one after another); returns
-    (mean loss, steps), or (the nan/inf sum, steps) as soon as the loss diverges."""
+    (mean loss, steps), or (the nan/inf sum, steps) as soon as the loss diverges. With `max_grad_norm` the gradient
+    is clipped to that total norm before each step (torch.nn.utils.clip_grad_norm_)."""
     total, steps = 0.0, 0
+    params = [p for g in opt.param_groups for p in g["params"]] if max_grad_norm else []
     for loss in losses:
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         total += loss.item()
         steps += 1
@@ -182,6 +186,7 @@ class FederatedRun:
         self.epochs, self.batch_size, self.lr = t["local_epochs"], t["batch_size"], t["lr"]
         self.momentum, self.weight_decay = t.get("momentum", 0.0), t.get("weight_decay", 0.0)
         self.local_steps = t.get("local_steps")  # None: local_epochs passes over the client's data
+        self.max_grad_norm = t.get("max_grad_norm")  # None: local gradients are not clipped
         self.lr_decay = t.get("lr_decay", 1.0)  # client lr of round r: lr * lr_decay**r (1: constant)
         self.optimizer = t.get("optimizer", "sgd")
         self.amsgrad = bool(t.get("amsgrad", False))  # Adam's AMSGrad variant (training.optimizer adam)
@@ -201,6 +206,7 @@ class FederatedRun:
         self.eval_weighting = ev.get("weighting", "clients")
         self.adapt_steps, self.adapt_lr = ev.get("adapt_steps", 0), ev.get("adapt_lr", 0.0)
         self.restrict_labels = bool(ev.get("restrict_to_client_labels", False))
+        self.count_flops = bool(ev.get("local_flops", False))  # log the FLOPs of one local step per sample
         if self.restrict_labels and not self.per_client:
             raise SuiteError("evaluation.restrict_to_client_labels needs per-client evaluation (evaluation.per_client)")
         if self.restrict_labels and is_mask_target(ctx.data.test.y):
@@ -314,10 +320,28 @@ class FederatedRun:
         batches = self.client_batches(client, self.epochs if limit is None else math.ceil(limit / per_epoch), gen)
         if limit is not None:
             batches = itertools.islice(batches, limit)
-        result = minimise((algo.local_loss(model, x, y) for x, y in batches), opt)
+        result = minimise((algo.local_loss(model, x, y) for x, y in batches), opt, self.max_grad_norm)
         if self.keep_optimizer:
             self.client_optimizers[client] = opt.state_dict()
         return result
+
+    def local_step_flops(self, client: int) -> float:
+        """FLOPs of one local step's objective per training sample: the forward and backward pass of the algorithm's
+        `local_loss` on the client's first `batch_size` samples, counted by torch.utils.flop_counter.FlopCounterMode
+        (every aten operation, the frozen reference models of MOON and the like included). Called after
+        `begin_client`; the model's state, its gradients and the global RNG are left as they were, so a run that
+        counts trains exactly as one that does not."""
+        from torch.utils.flop_counter import FlopCounterMode
+        model = self.ctx.model
+        idx = self.ctx.parts[client][:self.batch_size].to(self.ctx.device)
+        saved = clone_state(model)
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+            model.train()
+            self.algo.local_loss(model, self.x[idx], self.y[idx]).backward()
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+        return counter.get_total_flops() / len(idx)
 
     def save_checkpoint(self, path: Path, next_round: int, global_state: State, hist: History) -> None:
         """Everything needed to continue after `next_round - 1`, as plain data (tensors, numbers, strings, lists,
@@ -412,17 +436,22 @@ class FederatedRun:
             started = time.perf_counter()
             sampled = algo.clients_of_round(self, r)
             states, weights, losses, down, up = [], [], [], [], []
+            flops, counting = None, 0.0
             for k in sampled:
                 ctx.model.load_state_dict(global_state)
                 down.append(algo.download_bytes(global_state, k, r))
                 algo.begin_client(ctx.model, global_state, k)
+                if self.count_flops and flops is None:  # evaluation.local_flops: the round's first client
+                    t0 = time.perf_counter()
+                    flops = self.local_step_flops(k)
+                    counting = time.perf_counter() - t0  # not part of the local work's time
                 loss, steps = algo.train_client(self, k, r)
                 losses.append(loss)
                 algo.end_client(ctx.model, global_state, k, steps)
                 states.append(clone_state(ctx.model))
                 up.append(algo.upload_bytes(states[-1], k, r))
                 weights.append(len(ctx.parts[k]))
-            train_seconds = time.perf_counter() - started
+            train_seconds = time.perf_counter() - started - counting
             train_loss = float(np.mean(losses))
             if not math.isfinite(train_loss):
                 hist.status = "diverged"
@@ -445,6 +474,8 @@ class FederatedRun:
             hist.log("bytes_up", up)
             hist.log("round_seconds", time.perf_counter() - started)
             hist.log("train_seconds", train_seconds)  # the clients' local work, one after another
+            if flops is not None:
+                hist.log("local_mflops", flops / 1e6)  # one local step, forward and backward, per sample
             bar.set_postfix(acc=f"{acc:.3f}")
             if checkpoint is not None:
                 self.save_checkpoint(Path(checkpoint), r + 1, global_state, hist)
