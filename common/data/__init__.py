@@ -97,7 +97,9 @@ DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST 5k", "mnist1d": "mnist1d", 
                  "articulated": "articulated figures", "articulated_smoke": "articulated figures (smoke)",
                  "taichi": "TaiChiHD", "ted": "TED-talks", "vox": "VoxCeleb", "mgif": "MGif",
                  "nuclei": "nuclei-like centres (generated)", "nuclei_organs": "nuclei of four organs (MoNuSeg)",
-                 "brats_centres": "nuclei, BraTS T2, BraTS T1"}
+                 "brats_centres": "nuclei, BraTS T2, BraTS T1",
+                 "cxr3": "cxr3 (generated CXR-like)", "cxr3_smoke": "cxr3 (generated CXR-like, smoke)",
+                 "festa_cxr": "CXR (classification, detection, segmentation)"}
 
 
 def dataset_name(name: str, train_limit: int | None = None) -> str:
@@ -108,8 +110,8 @@ def dataset_name(name: str, train_limit: int | None = None) -> str:
 def known_loaders() -> dict[str, Callable[..., Dataset]]:
     """Every registered loader. The modules that register them are imported here, lazily, so that importing
     common.data stays cheap."""
-    from common.data import (brats, digits5, domains, fundus_synth, medical, nuclei, offline, text,  # noqa: F401
-                             videos, vision)
+    from common.data import (brats, cxr, digits5, domains, fundus_synth, medical, nuclei, offline,  # noqa: F401
+                             text, videos, vision)
     return LOADERS
 
 
@@ -161,8 +163,8 @@ def train_test_overlap(ds: Dataset) -> int:
 
 def missing_files(name: str, data_root: str | Path) -> list[str]:
     """Files a dataset needs under data_root that are absent (empty for datasets that ship with packages)."""
-    from common.data import brats, domains, medical, nuclei, text, videos, vision
+    from common.data import brats, cxr, domains, medical, nuclei, text, videos, vision
     return (vision.missing_files(name, Path(data_root)) + domains.missing_files(name, Path(data_root))
             + text.missing_files(name, Path(data_root)) + medical.missing_files(name, Path(data_root))
             + videos.missing_files(name, Path(data_root)) + nuclei.missing_files(name, Path(data_root))
-            + brats.missing_files(name, Path(data_root)))
+            + brats.missing_files(name, Path(data_root)) + cxr.missing_files(name, Path(data_root)))

@@ -404,6 +404,7 @@ class FederatedRun:
         for r in bar:
             started = time.perf_counter()
             sampled = algo.clients_of_round(self, r)
+            algo.begin_round(self, r, sampled, global_state)
             states, weights, losses, down, up = [], [], [], [], []
             for k in sampled:
                 ctx.model.load_state_dict(global_state)

@@ -284,7 +284,14 @@ MODELS = {
     "unet": lambda **kw: _unet(**kw),
     "motion_transfer": motion_transfer,
     "resnet_generator": resnet_generator,
+    "split_vit": lambda **kw: _split_vit(**kw),
 }
+
+
+def _split_vit(**params):
+    """FeSTA's per-client CNN heads and task tails around one ViT body (`common/models/vit_split.py`)."""
+    from common.models.vit_split import split_vit
+    return split_vit(**params)
 
 
 def _unet(**params):
@@ -299,7 +306,8 @@ def build_model(name: str, in_channels: int, num_classes: int, input_size: int, 
     pretrained checkpoints that do not ship with a package are read from."""
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
-    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp", "unet", "motion_transfer"):
+    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp", "unet", "motion_transfer",
+                "split_vit"):
         params = {"input_size": input_size, **params}
     if name == "pretrained_encoder":
         params = {"data_root": data_root, **params}
