@@ -198,6 +198,8 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
     ("beyond_sharing", ["MNIST/raw/train-images-idx3-ubyte", "usps/usps.bz2", "office31/amazon/images/back_pack/",
                         "office31/webcam/images/trash_can/"]),
     ("kd_svd", ["cifar-100-python/train"]),
+    ("festa", ["festa_cxr/classification/train/<class>/*.png", "festa_cxr/detection/test/boxes.csv",
+               "festa_cxr/segmentation/train/masks/*.png"]),
 ])
 def test_missing_paper_scale_data_is_one_clear_error(tmp_path, paper, expected_files):
     proc = snakemake(tmp_path, "-n", f"reports/{paper}.md", "--config", "scale=paper",
