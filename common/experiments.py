@@ -408,7 +408,11 @@ def _row_ceilings(paper: dict, table: str, scale: str, seeds=None) -> list[Ceili
             continue
         cells = tuple((r, c) for r in range(len(grid)) if r != ref and grid[r][c].specs)
         dataset = training_spec(top.specs[0])["dataset"]
-        out.append(Ceiling(dataset["name"], dataset.get("train_limit"), (), tuple(training_spec(s) for s in top.specs),
+        # the column's metric arguments (its domain: FeSTA's task), read from the ceiling row's runs as from the cells'
+        eval_args = tuple((k, v) for k, v in top.eval_args if k in ("domain", "structure", "last_rounds")) \
+            if t["metric"] in ACCURACY_METRICS else ()
+        out.append(Ceiling(dataset["name"], dataset.get("train_limit"), eval_args,
+                           tuple(training_spec(s) for s in top.specs),
                            cells, where=t["columns"][c]["label"]))
     return out
 

@@ -205,6 +205,8 @@ def test_unknown_scale_is_one_clear_error(tmp_path):
                 "cinic-10/test/truck/"]),
     ("fedkd", ["MIND/train/news.tsv", "MIND/dev/news.tsv", "smm4h_adr/train.tsv", "unilm-base/config.json"]),
     ("fedalign", ["cifar-10-batches-py/data_batch_1", "tiny-imagenet-200/wnids.txt"]),
+    ("festa", ["festa_cxr/classification/train/<class>/*.png", "festa_cxr/detection/test/boxes.csv",
+               "festa_cxr/segmentation/train/masks/*.png"]),
 ])
 def test_missing_paper_scale_data_is_one_clear_error(tmp_path, paper, expected_files):
     proc = snakemake(tmp_path, "-n", f"reports/{paper}.md", "--config", "scale=paper",

@@ -100,7 +100,9 @@ DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST 5k", "mnist1d": "mnist1d", 
                  "nuclei": "nuclei-like centres (generated)", "nuclei_organs": "nuclei of four organs (MoNuSeg)",
                  "brats_centres": "nuclei, BraTS T2, BraTS T1",
                  "reid_synth": "generated ReID identities", "reid_synth_smoke": "generated ReID identities (smoke)",
-                 "reid9": "nine ReID datasets"}
+                 "reid9": "nine ReID datasets",
+                 "cxr3": "cxr3 (generated CXR-like)", "cxr3_smoke": "cxr3 (generated CXR-like, smoke)",
+                 "festa_cxr": "CXR (classification, detection, segmentation)"}
 
 
 def dataset_name(name: str, train_limit: int | None = None) -> str:
@@ -111,7 +113,7 @@ def dataset_name(name: str, train_limit: int | None = None) -> str:
 def known_loaders() -> dict[str, Callable[..., Dataset]]:
     """Every registered loader. The modules that register them are imported here, lazily, so that importing
     common.data stays cheap."""
-    from common.data import (brats, digits5, domains, fundus_synth, medical, nuclei, offline, reid,  # noqa: F401
+    from common.data import (brats, cxr, digits5, domains, fundus_synth, medical, nuclei, offline, reid,  # noqa: F401
                              text, videos, vision)
     return LOADERS
 
@@ -164,9 +166,9 @@ def train_test_overlap(ds: Dataset) -> int:
 
 def missing_files(name: str, data_root: str | Path) -> list[str]:
     """Files a dataset needs under data_root that are absent (empty for datasets that ship with packages)."""
-    from common.data import brats, domains, medical, nuclei, reid, text, videos, vision
+    from common.data import brats, cxr, domains, medical, nuclei, reid, text, videos, vision
     return (vision.missing_files(name, Path(data_root)) + domains.missing_files(name, Path(data_root))
             + reid.missing_files(name, Path(data_root))
             + text.missing_files(name, Path(data_root)) + medical.missing_files(name, Path(data_root))
             + videos.missing_files(name, Path(data_root)) + nuclei.missing_files(name, Path(data_root))
-            + brats.missing_files(name, Path(data_root)))
+            + brats.missing_files(name, Path(data_root)) + cxr.missing_files(name, Path(data_root)))

@@ -201,6 +201,10 @@ class Algorithm:
         in a fixed order, such as TDGAN's one centre per stage, choose their own)."""
         return run.sample_clients(round_index)
 
+    def begin_round(self, run: "FederatedRun", round_index: int, clients: list[int], global_state: State) -> None:
+        """Called once per round after the clients are chosen, before any of them receives the global model (a
+        method whose clients train together, step by step, such as FeSTA's split learning, trains them here)."""
+
     def train_client(self, run: "FederatedRun", client: int, round_index: int) -> tuple[float, int]:
         """The client's local work between receiving the global model and sending its own: the engine's local
         SGD (`FederatedRun.local_train`). Returns (mean training loss, steps)."""

@@ -435,6 +435,7 @@ class FederatedRun:
         for r in bar:
             started = time.perf_counter()
             sampled = algo.clients_of_round(self, r)
+            algo.begin_round(self, r, sampled, global_state)
             states, weights, losses, down, up = [], [], [], [], []
             flops, counting = None, 0.0
             for k in sampled:

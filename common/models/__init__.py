@@ -308,6 +308,7 @@ MODELS = {
     "motion_transfer": motion_transfer,
     "resnet_generator": resnet_generator,
     "split_resnet": lambda **kw: _split_resnet(**kw),
+    "split_vit": lambda **kw: _split_vit(**kw),
 }
 
 
@@ -315,6 +316,12 @@ def _split_resnet(**params):
     """A CNN split between edge and server (FedGKT; `common/models/split.py`)."""
     from common.models.split import split_resnet
     return split_resnet(**params)
+
+
+def _split_vit(**params):
+    """FeSTA's per-client CNN heads and task tails around one ViT body (`common/models/vit_split.py`)."""
+    from common.models.vit_split import split_vit
+    return split_vit(**params)
 
 
 def _unet(**params):
@@ -329,7 +336,8 @@ def build_model(name: str, in_channels: int, num_classes: int, input_size: int, 
     pretrained checkpoints that do not ship with a package are read from."""
     if name not in MODELS:
         raise SuiteError(f"unknown model '{name}'; known models: {', '.join(MODELS)}")
-    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp", "strided_cnn", "unet", "motion_transfer"):
+    if name in ("cnn", "digit_cnn", "cnn1d", "fedavg_cnn", "mlp", "strided_cnn", "unet", "motion_transfer",
+                "split_vit"):
         params = {"input_size": input_size, **params}
     if name == "pretrained_encoder":
         params = {"data_root": data_root, **params}
