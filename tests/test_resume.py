@@ -1,4 +1,6 @@
-"""A run killed with SIGKILL mid-training and restarted resumes from its checkpoint, bit-identical."""
+"""A run killed with SIGKILL mid-training and restarted resumes from its checkpoint, bit-identical. FedAvgM's and
+FedDF's run by default; each paper's own methods are marked `kill` (`pytest -m kill tests/test_resume.py`), their
+checkpoints' completeness being tested in-process for every algorithm by default (tests/test_reliability.py)."""
 import json
 import os
 import signal
@@ -75,6 +77,7 @@ CENTRAL = {"dataset": {"name": "mnist1d"}, "partition": {"scheme": "iid", "clien
 KD_SVD_TEACHER = {"name": "cnn1d", "channels": [16, 16, 16], "blocks": 2}  # the stage widths of the student below
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("method,kill", [
     ({"name": "centralised"}, (6, 10)),
     ({"name": "kd_fidelity", "teachers": 2, "teacher_rounds": 4, "extra": "mixup"}, (6, 10)),
@@ -95,6 +98,7 @@ def test_centralised_run_killed_and_resumed_equals_uninterrupted(tmp_path, metho
     assert resumed["provenance"] and resumed["data"]["fingerprint"] == reference["data"]["fingerprint"]
 
 
+@pytest.mark.kill
 def test_two_stream_adaptation_run_killed_and_resumed_equals_uninterrupted(tmp_path):
     """Beyond Sharing Weights' two-stream run (source and target streams, the per-layer relation a, b, Adam's state
     and the target batches drawn per round) killed in its adaptation epochs."""
@@ -113,6 +117,7 @@ FRSKD_RUN = {"dataset": {"name": "digits5", "train_limit": 600, "test_limit": 20
                           "momentum": 0.9, "weight_decay": 5e-4, "lr_decay": 0.9, "keep_optimizer": True}, "seed": 2}
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("method", [{"name": "frskd"}, {"name": "cs_kd"}])
 def test_frskd_and_cs_kd_killed_and_resumed_equal_uninterrupted(tmp_path, method):
     """FRSKD (the classifier and its self-teacher in one model, one optimiser state) and CS-KD (same-class partners
@@ -121,6 +126,7 @@ def test_frskd_and_cs_kd_killed_and_resumed_equal_uninterrupted(tmp_path, method
     assert repeatable_part(resumed) == repeatable_part(reference)
 
 
+@pytest.mark.kill
 def test_fedgen_killed_and_resumed_equals_uninterrupted(tmp_path):
     """FedGen: the generator's weights, BatchNorm statistics and Adam state, its learning-rate decay and the
     generated samples drawn per (round, client) survive a SIGKILL; the resumed run ends bit-identical."""
@@ -140,6 +146,7 @@ FEDREID_RUN = {"dataset": {"name": "reid_synth_smoke"}, "partition": {"scheme": 
                             "momentum": 0.9, "weight_decay": 5e-4}, "seed": 1}
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("method", [{"name": "fedpav", "kd": True, "kd_every": 2, "cdw": True},
                                     {"name": "reid_local"}], ids=["fedpav_kd_cdw", "reid_local"])
 def test_fedreid_killed_and_resumed_equals_uninterrupted(tmp_path, method):
@@ -149,6 +156,7 @@ def test_fedreid_killed_and_resumed_equals_uninterrupted(tmp_path, method):
     assert repeatable_part(resumed) == repeatable_part(reference)
 
 
+@pytest.mark.kill
 def test_fedgkt_killed_and_resumed_equals_uninterrupted(tmp_path):
     """FedGKT's state (each client's edge model and Adam state, the server's logits of every training sample, the
     server's Adam state) survives a SIGKILL between rounds."""
@@ -168,6 +176,7 @@ FEDKD_RUN = {"dataset": {"name": "mnist5k", "train_limit": 800, "test_limit": 20
              "method": {"name": "fedkd", "hidden": False, "mentor": {"name": "fedavg_cnn", "channels": [16, 32], "fc_width": 64}}}
 
 
+@pytest.mark.kill
 def test_fedkd_killed_and_resumed_equals_uninterrupted(tmp_path):
     """FedKD (each client's mentor kept by the algorithm, the last broadcast's size, the threshold schedule) killed
     mid-way and restarted ends bit-identical to an uninterrupted run."""
@@ -183,6 +192,7 @@ FEDALIGN_RUN = {"dataset": {"name": "mnist5k", "train_limit": 800, "test_limit":
                              "momentum": 0.9, "weight_decay": 5e-4, "max_grad_norm": 10}, "seed": 1}
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("method", [{"name": "fedalign"}, {"name": "gradaug", "subnets": 2, "scales": [1.0, 0.75]}],
                          ids=["fedalign", "gradaug"])
 def test_fedalign_and_regularisers_killed_and_resumed_equal_uninterrupted(tmp_path, method):
@@ -193,6 +203,7 @@ def test_fedalign_and_regularisers_killed_and_resumed_equal_uninterrupted(tmp_pa
     assert repeatable_part(resumed) == repeatable_part(reference)
 
 
+@pytest.mark.kill
 def test_festa_split_run_killed_and_resumed_equals_uninterrupted(tmp_path):
     """FeSTA's split training (per-client heads and tails, the shared body, one Adam state over all of them, heads
     and tails averaged within each task on unifying rounds) killed mid-way and restarted ends bit-identical."""
