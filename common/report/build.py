@@ -330,8 +330,9 @@ class ReportBuilder:
         else:
             evaluated = "in the table's metric (%)"
         if "row" in how:
-            return [f"**Ceiling ({self.scale} scale)** — row {how['row']} of the table, per column (the larger model "
-                    f"trained centrally on the pooled training data: the reference the other rows learn from), in the "
+            what_row = how.get("text", "the larger model trained centrally on the pooled training data: the reference "
+                                       "the other rows learn from")
+            return [f"**Ceiling ({self.scale} scale)** — row {how['row']} of the table, per column ({what_row}), in the "
                     f"table's metric (%); the room is the ceiling minus the best baseline a claim says is beaten. A room "
                     f"under 3 points leaves no space for the claimed effect.", "",
                     _md_table(["dataset analog", "rounds × epochs", "ceiling", what, "room (points)"], lines), ""]
