@@ -110,12 +110,13 @@ def test_unify_averages_heads_and_tails_within_each_task_only():
     assert all(torch.equal(single[k], state[k]) for k in state)
 
 
-def smoke_spec(rounds=2, unify_every=1, tasks=("classification", "detection", "segmentation"), pooled=False):
+def smoke_spec(rounds=2, unify_every=1, tasks=("classification", "detection", "segmentation"), pooled=False,
+               all_targets=False):
     return {"dataset": {"name": "cxr3_smoke"}, "partition": {"scheme": "iid", "clients": 6},
             "model": {"name": "split_vit", "clients": 6, "dim": 16, "layers": 1, "heads": 2, "mlp": 32, "patch": 4,
                       "width": 4},
             "method": {"name": "festa", "tasks": list(tasks), "unify_every": unify_every, "pooled": pooled,
-                       "samples_per_client": {"classification": 7}},
+                       "all_targets": all_targets, "samples_per_client": {"classification": 7}},
             "training": {"rounds": rounds, "client_fraction": 1.0, "local_epochs": 2, "batch_size": 4, "lr": 0.001,
                          "optimizer": "adam"}, "seed": 1}
 
@@ -150,6 +151,19 @@ def test_single_task_and_pooled_runs_use_only_that_tasks_clients():
     sizes = r["data"]["client_sizes"]
     assert r["metrics"]["clients"] == [[2]]
     assert r["metrics"]["bytes_up"][0] == [2 * (sizes[2] + sizes[5]) * 2 * 64 * 16 * 4]
+
+
+def test_pooled_run_with_all_targets_trains_every_task_on_every_clients_images():
+    """The all-targets ceiling: one client per task, each holding the images of all six clients (the classification
+    clients' first 7 images, the others' all), since every cxr3 image has all three targets."""
+    from common.train import execute
+    r = execute(smoke_spec(rounds=1, tasks=cxr.TASKS, pooled=True, all_targets=True), progress=False)
+    sizes = r["data"]["client_sizes"]
+    n = sum(min(7, s) if k % 3 == 0 else s for k, s in enumerate(sizes))
+    assert r["metrics"]["clients"] == [[0, 1, 2]]
+    assert r["metrics"]["bytes_up"][0] == [2 * n * 2 * 64 * 16 * 4] * 3
+    with pytest.raises(Exception, match="all_targets"):
+        execute(smoke_spec(rounds=1, all_targets=True), progress=False)
 
 
 def test_cxr3_targets_agree():

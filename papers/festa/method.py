@@ -22,7 +22,10 @@ at the start of the next round. The body's weights never travel.
 Single-task split learning is the same method with `tasks` one task (only that task's clients take part; its
 body sees only that task). The centralised ceiling is `pooled: true`: one client per task holding the pooled
 training data of all that task's clients (split training of one client is ordinary training of the composed
-network, head -> body -> tail, on the pooled data).
+network, head -> body -> tail, on the pooled data). With `all_targets: true` (the ceiling) every task's client holds
+the images of every taking-part client pooled, each with that task's target where the image has one: on data whose
+images carry every task's target (cxr3) each task trains on all of them, an upper reference (a federated client
+labels only its own task); on data with one task per image it is the per-task pooling above.
 
 Bytes (common/fl/communication.py) are counted from the tensors each step sends (float32 features, body outputs and
 both gradients), plus the head and tail states on unifying rounds. `fl_model_bytes` logs, for comparison, what one
@@ -142,14 +145,16 @@ class FeSTA(Algorithm):
                                        "unified_last")
 
     def __init__(self, tasks: list[str] = TASKS, unify_every: int = 5, pooled: bool = False,
-                 samples_per_client: dict | None = None):
+                 samples_per_client: dict | None = None, all_targets: bool = False):
         super().__init__()
         unknown = set(tasks) - set(TASKS)
         if unknown or not tasks:
             raise SuiteError(f"festa: tasks must be among {', '.join(TASKS)}, got {tasks}")
         if unify_every < 1:
             raise SuiteError(f"festa: unify_every must be at least 1, got {unify_every}")
-        self.tasks, self.unify_every, self.pooled = tuple(tasks), unify_every, pooled
+        if all_targets and not pooled:
+            raise SuiteError("festa: all_targets (every pooled image with every task's target) needs pooled: true")
+        self.tasks, self.unify_every, self.pooled, self.all_targets = tuple(tasks), unify_every, pooled, all_targets
         self.samples_per_client = dict(samples_per_client or {})
 
     # --- set-up ------------------------------------------------------------------------------------------------
@@ -178,7 +183,13 @@ class FeSTA(Algorithm):
         if any(not ks for ks in per_task.values()):
             raise SuiteError(f"festa: no client has the task(s) "
                              f"{', '.join(t for t, ks in per_task.items() if not ks)}")
-        if self.pooled:  # one client per task (its first) with the pooled data of the task's clients
+        if self.pooled and self.all_targets:
+            # one client per task (its first) with every taking-part client's images pooled, each image with that
+            # task's target where it has one: the task sees the other tasks' clients' images too
+            every = torch.cat([index[k] for k in sorted(index)])
+            index = {ks[0]: every[has[t][every]] for t, ks in per_task.items()}
+            per_task = {t: ks[:1] for t, ks in per_task.items()}
+        elif self.pooled:  # one client per task (its first) with the pooled data of the task's clients
             index = {ks[0]: torch.cat([index[k] for k in ks]) for ks in per_task.values()}
             per_task = {t: ks[:1] for t, ks in per_task.items()}
         self.index = {k: v.to(ctx.device) for k, v in index.items()}
