@@ -167,6 +167,34 @@ def test_local_loss_is_cross_entropy_over_the_clients_own_identities():
     assert algo.local_loss(ctx.model, x, y).item() == pytest.approx(float(ce), rel=1e-5)
 
 
+def test_ceiling_loss_is_cross_entropy_over_each_images_own_dataset_identities():
+    """The pooled ceiling (`reid_centralised`): one client holding every dataset, each image's softmax over the
+    identities of its own dataset only."""
+    run, ctx = make_run({"name": "reid_centralised"})
+    algo = run.algo
+    algo.setup(ctx)
+    assert len(ctx.parts) == 1 and len(ctx.parts[0]) == len(ctx.data.train.y)  # the pooled data
+    x, y, dom = ctx.data.train.x, ctx.data.train.y.numpy(), ctx.data.train.domain.numpy()
+    logits = ctx.model(x).detach().numpy()
+    ce = []
+    for i in range(len(y)):
+        own = np.unique(y[dom == dom[i]])  # the identities of the image's dataset
+        z = logits[i, own] - logits[i, own].max()
+        ce.append(-(z[np.searchsorted(own, y[i])] - np.log(np.exp(z).sum())))
+    assert algo.local_loss(ctx.model, x, ctx.data.train.y).item() == pytest.approx(float(np.mean(ce)), rel=1e-5)
+
+
+def test_mini_ceiling_is_the_pooled_model_with_per_dataset_classifiers_and_a_decayed_learning_rate():
+    from common.experiments import load_paper, table_ceilings
+    paper = load_paper("fedreid")
+    for table in ("rank1", "mean"):
+        for ceiling in table_ceilings(paper, table, "mini"):
+            for spec in ceiling.specs:
+                assert spec["method"] == {"name": "reid_centralised"}
+                assert spec["partition"] == {"scheme": "domain", "clients": 6}
+                assert spec["training"]["rounds"] == 25 and spec["training"]["lr_decay"] == 0.9
+
+
 def test_distillation_target_is_the_mean_of_normalised_client_features():
     f = [torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, -5.0]])]
     np.testing.assert_allclose(ensemble_features(f).numpy(), [[0.3, 0.9], [0.5, -0.5]], rtol=1e-6)

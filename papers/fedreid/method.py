@@ -20,6 +20,8 @@
   the shared public set (`cdw_data: public`).
 - **Local training** (`reid_local`): every client trains alone, its own model, softmax over its own identities.
 The FedAvg baseline with one shared classifier over the union of identities is the engine's `fedavg`.
+- **Ceiling** (`reid_centralised`): the same model trained centrally on the pooled data of every dataset, each image's
+  loss the softmax over its own dataset's identities (per-dataset classifiers over a shared backbone).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 from common.distill import ensemble_features
 from common.errors import SuiteError
-from common.fl.algorithms import Algorithm, register_algorithm
+from common.fl.algorithms import Algorithm, Centralised, register_algorithm
 from common.fl.engine import clone_state, sub_seed
 from common.fl.personal import LocalEntries, SingleSet, last_layers_keys
 
@@ -184,3 +186,22 @@ class FedPav(ClientIdentities, LocalEntries):
             n += 1
         self.ctx.history.log("kd_loss", total / max(n, 1))
         return clone_state(student)
+
+
+@register_algorithm("reid_centralised")
+class CentralisedReID(Centralised):
+    """The ceiling of the FedReID tables: the same model trained on the pooled data of every dataset, each image's
+    loss the softmax over its own dataset's identities (one classifier per dataset over a shared backbone, as FedPav
+    and local training have), instead of one classifier over the union of identities."""
+    transient = (*Centralised.transient, "same_dataset")
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        y, dom = ctx.data.train.y.cpu(), ctx.data.train.domain.cpu()
+        of_class = torch.full((ctx.data.num_classes,), -1, dtype=torch.long)
+        of_class[y] = dom
+        # (classes, classes) additive mask: row c keeps the identities of class c's dataset
+        self.same_dataset = torch.where(of_class[:, None] == of_class[None, :], 0.0, -math.inf).to(ctx.device)
+
+    def local_loss(self, model, x, y):
+        return F.cross_entropy(model(x) + self.same_dataset[y], y)
