@@ -331,17 +331,16 @@ class FederatedRun:
         (every aten operation, the frozen reference models of MOON and the like included). Called after
         `begin_client`; the model's state, its gradients and the global RNG are left as they were, so a run that
         counts trains exactly as one that does not."""
-        from torch.utils.flop_counter import FlopCounterMode
+        from common.models.compute import counted_flops
         model = self.ctx.model
         idx = self.ctx.parts[client][:self.batch_size].to(self.ctx.device)
         saved = clone_state(model)
-        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
-            model.train()
-            self.algo.local_loss(model, self.x[idx], self.y[idx]).backward()
+        model.train()
+        flops = counted_flops(lambda: self.algo.local_loss(model, self.x[idx], self.y[idx]).backward(),
+                              (self.ctx.device,) if self.ctx.device.type == "cuda" else ())
         model.zero_grad(set_to_none=True)
         model.load_state_dict(saved)
-        return counter.get_total_flops() / len(idx)
+        return flops / len(idx)
 
     def save_checkpoint(self, path: Path, next_round: int, global_state: State, hist: History) -> None:
         """Everything needed to continue after `next_round - 1`, as plain data (tensors, numbers, strings, lists,

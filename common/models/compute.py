@@ -20,11 +20,17 @@ def forward_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     try:
         param = next(module.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(torch.zeros((1, *input_shape), device=device))
-        return int(counter.get_total_flops())
+        with torch.no_grad():
+            return counted_flops(lambda: module(torch.zeros((1, *input_shape), device=device)))
     finally:
         module.train(was_training)
+
+
+def counted_flops(work, devices: tuple = ()) -> int:
+    """FLOPs of the operations `work()` runs (FlopCounterMode), the global RNG (and that of `devices`) left as it was."""
+    with torch.random.fork_rng(devices=list(devices)), FlopCounterMode(display=False) as counter:
+        work()
+    return int(counter.get_total_flops())
 
 
 def parameter_count(module: nn.Module) -> int:
